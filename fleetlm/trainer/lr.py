@@ -1,0 +1,48 @@
+"""Learning-rate schedule: linear warmup, then cosine, linear or constant to min_learning_rate."""
+
+import math
+
+from paddle.optimizer.lr import LRScheduler
+
+
+class WarmupDecayLR(LRScheduler):
+    """Learning rate for optimizer step t (0-based; ``last_epoch`` counts steps taken).
+
+    warmup (t < warmup_steps): max_lr * (t + 1) / warmup_steps, so the first step already moves.
+    decay (warmup_steps <= t < decay_steps), with progress p = (t - warmup_steps) / (decay_steps - warmup_steps):
+        cosine:   min_lr + (max_lr - min_lr) * 0.5 * (1 + cos(pi * p))
+        linear:   min_lr + (max_lr - min_lr) * (1 - p)
+        constant: max_lr
+    after decay_steps: min_lr (constant keeps max_lr).
+    """
+
+    def __init__(self, max_lr: float, min_lr: float, warmup_steps: int, decay_steps: int, kind: str):
+        if kind not in ("cosine", "linear", "constant"):
+            raise ValueError(f"lr_scheduler_type '{kind}' is not one of 'cosine', 'linear', 'constant'")
+        self.max_lr = max_lr
+        self.min_lr = min_lr
+        self.warmup_steps = warmup_steps
+        self.decay_steps = max(decay_steps, warmup_steps)
+        self.kind = kind
+        # LRScheduler calls step() once here, which makes last_epoch 0: the rate of the first step.
+        super().__init__(learning_rate=max_lr, last_epoch=-1)
+
+    def get_lr(self) -> float:
+        t = self.last_epoch
+        if t < self.warmup_steps:
+            return self.max_lr * (t + 1) / self.warmup_steps
+        if self.kind == "constant":
+            return self.max_lr
+        if t >= self.decay_steps:
+            return self.min_lr
+        progress = (t - self.warmup_steps) / max(1, self.decay_steps - self.warmup_steps)
+        if self.kind == "cosine":
+            return self.min_lr + (self.max_lr - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return self.min_lr + (self.max_lr - self.min_lr) * (1.0 - progress)
+
+
+def build_lr_scheduler(args) -> WarmupDecayLR:
+    """Build the schedule from TrainingArguments (warmup_steps wins over warmup_ratio)."""
+    warmup = args.warmup_steps if args.warmup_steps > 0 else int(args.warmup_ratio * args.max_steps)
+    decay = args.decay_steps if args.decay_steps > 0 else args.max_steps
+    return WarmupDecayLR(args.learning_rate, args.min_learning_rate, warmup, decay, args.lr_scheduler_type)
