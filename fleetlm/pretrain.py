@@ -34,7 +34,7 @@ def _seed_everything(seed: int) -> None:
     paddle.seed(seed)
 
 
-def _build_datasets(args: Arguments, plan, topology):
+def build_datasets(args: Arguments, plan, topology):
     """Build the train/valid/test datasets with the number of samples the run will read."""
     import paddle.distributed as dist
 
@@ -61,10 +61,9 @@ def _build_datasets(args: Arguments, plan, topology):
 def run(args: Arguments) -> int:
     """Run one validated job on this rank; returns the process exit code."""
     from fleetlm.data import DataError
-    from fleetlm.models import build_model
     from fleetlm.parallel.topology import init_topology
     from fleetlm.trainer import checkpoint as ckpt
-    from fleetlm.trainer.trainer import NonFiniteLossError, Trainer
+    from fleetlm.trainer.trainer import NonFiniteLossError
     from fleetlm.validate import plan_run
 
     try:
@@ -81,7 +80,7 @@ def run(args: Arguments) -> int:
         logger.warning("bf16/fp16 requested, but this Paddle build has no CUDA: training runs in fp32")
 
     try:
-        train_ds, valid_ds, test_ds = _build_datasets(args, plan, topology)
+        train_ds, valid_ds, test_ds = build_datasets(args, plan, topology)
     except DataError as e:
         return _fail(f"data: {e}", EXIT_CONFIG)
     logger.info(
@@ -89,6 +88,31 @@ def run(args: Arguments) -> int:
         *(len(d) if d is not None else 0 for d in (train_ds, valid_ds, test_ds)),
         args.data.max_seq_length,
     )
+
+    try:
+        trainer = build_trainer(args, plan, topology, train_ds, valid_ds, test_ds)
+    except ConfigError as e:
+        return _fail(str(e), EXIT_CONFIG)
+    if topology.rank == 0:
+        ckpt.remove_incomplete(args.training.output_dir)
+    if resume_path is not None:
+        trainer.resume(resume_path)
+
+    try:
+        if args.training.do_train:
+            trainer.train()
+        else:
+            _evaluate_only(trainer, args)
+    except NonFiniteLossError as e:
+        return _fail(str(e), EXIT_NON_FINITE)
+    logger.info("done")
+    return 0
+
+
+def build_trainer(args: Arguments, plan, topology, train_ds, valid_ds=None, test_ds=None):
+    """Seed, build the model (random or continue_training weights) and wrap it in a Trainer."""
+    from fleetlm.models import build_model
+    from fleetlm.trainer.trainer import Trainer
 
     _seed_everything(args.training.seed)
     model = build_model(plan.model_config)
@@ -108,21 +132,7 @@ def run(args: Arguments) -> int:
             "sharding_degree": plan.layout.sharding_degree,
         },
     }
-    trainer = Trainer(args, plan.model_config, model, topology, plan.batch, train_ds, valid_ds, test_ds, run_config)
-    if topology.rank == 0:
-        ckpt.remove_incomplete(args.training.output_dir)
-    if resume_path is not None:
-        trainer.resume(resume_path)
-
-    try:
-        if args.training.do_train:
-            trainer.train()
-        else:
-            _evaluate_only(trainer, args)
-    except NonFiniteLossError as e:
-        return _fail(str(e), EXIT_NON_FINITE)
-    logger.info("done")
-    return 0
+    return Trainer(args, plan.model_config, model, topology, plan.batch, train_ds, valid_ds, test_ds, run_config)
 
 
 def _evaluate_only(trainer, args: Arguments) -> None:

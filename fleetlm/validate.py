@@ -51,11 +51,22 @@ def _reject_unbuilt_parallel_options(args: Arguments) -> None:
             f"sharding_parallel_degree={t.sharding_parallel_degree} is not supported yet in this fleetlm version; "
             "only -1 or 1 (no sharding) is."
         )
+    if (t.bf16 or t.fp16) and _gpu_build():
+        raise ConfigError(
+            "bf16/fp16 mixed precision is not supported yet in this fleetlm version on GPU builds; set bf16 and "
+            "fp16 to false to train in fp32. (CPU builds accept them and train in fp32, with a warning.)"
+        )
     if t.recompute and t.recompute_granularity != "full":
         raise ConfigError(
             f"recompute_granularity='{t.recompute_granularity}' is not supported yet in this fleetlm version; "
             "only 'full' is."
         )
+
+
+def _gpu_build() -> bool:
+    import paddle
+
+    return paddle.is_compiled_with_cuda()
 
 
 def _plan_batch(args: Arguments, layout: Layout) -> BatchPlan:

@@ -18,7 +18,7 @@ MODEL_REGISTRY: Dict[str, Dict[str, Any]] = {
     # Test and demo sizes for CPU runs; the tokenizer decides vocab_size, so they set it small.
     "fleetlm/tiny-llama": dict(
         model_type="llama", vocab_size=512, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-6,
     ),
     "fleetlm/llama-15m": dict(
         model_type="llama", vocab_size=4096, hidden_size=384, intermediate_size=1024, num_hidden_layers=6,

@@ -1,0 +1,119 @@
+"""Training-loop equivalences and failure handling, in process and in subprocesses."""
+
+import os
+import signal
+
+import numpy as np
+import paddle
+import pytest
+from run_util import REPO_ROOT, run_pretrain, train_records
+
+from fleetlm.arguments import parse_arguments
+from fleetlm.parallel.topology import init_topology
+from fleetlm.pretrain import build_datasets, build_trainer
+from fleetlm.trainer.trainer import NonFiniteLossError
+from fleetlm.validate import plan_run
+
+KILLING_RUN = os.path.join(REPO_ROOT, "tests", "scripts", "killing_run.py")
+
+
+def common_args(tokens, output_dir, *extra):
+    return [
+        "--input_dir", tokens, "--split", "95,5", "--max_seq_length", "32", "--learning_rate", "3e-3",
+        "--warmup_steps", "2", "--logging_steps", "1", "--max_grad_norm", "0.5", "--weight_decay", "0.1",
+        "--output_dir", output_dir, "--disable_tqdm", "true", "--seed", "7", *extra,
+    ]
+
+
+def train_in_process(argv):
+    args = parse_arguments(argv)
+    plan = plan_run(args, world_size=1)
+    topology = init_topology(plan.layout, args.training.seed)
+    datasets = build_datasets(args, plan, topology)
+    trainer = build_trainer(args, plan, topology, *datasets)
+    trainer.train()
+    return trainer
+
+
+def test_accumulation_equals_larger_batch(pattern_tokens, tmp_path):
+    big = train_in_process(common_args(pattern_tokens, str(tmp_path / "big"), "--max_steps", "4",
+                                       "--per_device_train_batch_size", "4", "--save_steps", "0"))
+    accumulated = train_in_process(common_args(pattern_tokens, str(tmp_path / "acc"), "--max_steps", "4",
+                                               "--per_device_train_batch_size", "1",
+                                               "--gradient_accumulation_steps", "4", "--save_steps", "0"))
+    big_losses = [r["loss"] for r in train_records(str(tmp_path / "big"))]
+    acc_losses = [r["loss"] for r in train_records(str(tmp_path / "acc"))]
+    np.testing.assert_allclose(acc_losses, big_losses, rtol=1e-5)
+    for name, value in big.model.state_dict().items():
+        actual = accumulated.model.state_dict()[name].numpy()
+        difference = np.linalg.norm(actual - value.numpy()) / np.linalg.norm(value.numpy())
+        assert difference <= 1e-5, f"{name}: relative difference {difference:.2e}"
+
+
+def test_non_finite_loss_stops_before_update(pattern_tokens, tmp_path):
+    args = parse_arguments(common_args(pattern_tokens, str(tmp_path), "--max_steps", "5", "--save_steps", "0"))
+    plan = plan_run(args, world_size=1)
+    topology = init_topology(plan.layout, args.training.seed)
+    trainer = build_trainer(args, plan, topology, *build_datasets(args, plan, topology))
+    trainer.args.max_steps = 3
+    trainer.train()  # 3 healthy steps
+    before = {k: v.numpy().copy() for k, v in trainer.model.state_dict().items()}
+
+    original_forward = trainer.engine.forward
+    trainer.engine.forward = lambda input_ids, labels=None: original_forward(input_ids, labels) * float("nan")
+    trainer.args.max_steps = 5
+    with pytest.raises(NonFiniteLossError, match="loss is nan at step 4; the weights were not updated"):
+        trainer.train()
+    for name, value in trainer.model.state_dict().items():
+        np.testing.assert_array_equal(value.numpy(), before[name], err_msg=name)
+
+
+def test_save_total_limit_keeps_newest(pattern_tokens, tmp_path):
+    train_in_process(common_args(pattern_tokens, str(tmp_path), "--max_steps", "5", "--save_steps", "1",
+                                 "--save_total_limit", "2"))
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-4", "checkpoint-5", "metrics.jsonl"]
+
+
+def run_args(tokens, output_dir, *extra):
+    return common_args(tokens, output_dir, "--max_steps", "8", "--save_steps", "3", "--per_device_train_batch_size",
+                       "2", "--gradient_accumulation_steps", "2", "--do_eval", "true", "--eval_steps", "4",
+                       "--eval_iters", "1", *extra)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(pattern_tokens, tmp_path_factory):
+    output_dir = str(tmp_path_factory.mktemp("uninterrupted"))
+    result = run_pretrain(run_args(pattern_tokens, output_dir))
+    assert result.returncode == 0, result.stdout[-5000:]
+    return output_dir
+
+
+def assert_same_records(resumed_dir, reference_dir):
+    keys = ("step", "loss", "grad_norm", "lr", "consumed_samples")
+    resumed = [{k: r[k] for k in keys} for r in train_records(resumed_dir)]
+    reference = [{k: r[k] for k in keys} for r in train_records(reference_dir)]
+    assert resumed == reference  # bitwise: floats compare exactly
+
+
+@pytest.mark.parametrize("mode, at_step, expected_resume", [("after_step", 5, 3), ("during_save", 6, 3)])
+def test_resume_after_sigkill_is_bitwise(pattern_tokens, tmp_path, uninterrupted, mode, at_step, expected_resume):
+    output_dir = str(tmp_path)
+    killed = run_pretrain(run_args(pattern_tokens, output_dir), script=KILLING_RUN, script_args=[mode, str(at_step)])
+    assert killed.returncode == -signal.SIGKILL, killed.stdout[-3000:]
+    names = sorted(os.listdir(output_dir))
+    assert f"checkpoint-{expected_resume}" in names
+    assert f"checkpoint-{at_step}" not in names
+
+    resumed = run_pretrain(run_args(pattern_tokens, output_dir, "--resume_from_checkpoint", "true"))
+    assert resumed.returncode == 0, resumed.stdout[-5000:]
+    assert f"resumed from {os.path.join(output_dir, f'checkpoint-{expected_resume}')}" in resumed.stdout
+    assert not any(name.endswith(".tmp") for name in os.listdir(output_dir))
+    assert_same_records(output_dir, uninterrupted)
+    eval_losses = [r for r in train_records(output_dir)]
+    assert eval_losses
+
+
+def test_restart_without_resume_rejected(pattern_tokens, uninterrupted):
+    result = run_pretrain(run_args(pattern_tokens, uninterrupted))
+    assert result.returncode == 2
+    assert "already holds checkpoint-8" in result.stdout
