@@ -9,7 +9,7 @@ import os
 
 from setuptools import find_packages, setup
 
-# Checked with Paddle 3.3.1; fleetlm/parallel/cpu_compat.py patches private modules of that release.
+# Checked with Paddle 3.3.1; fleetlm/parallel/cpu_compat/ patches private modules of that release.
 PADDLE_VERSION = ">=3.3.1,<3.4"
 paddle_package = os.environ.get("FLEETLM_PADDLE_PACKAGE", "paddlepaddle")
 paddle_requirement = [] if paddle_package == "none" else [paddle_package + PADDLE_VERSION]
