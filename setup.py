@@ -31,6 +31,7 @@ setup(
         "safetensors",
     ],
     extras_require={
-        "test": ["pytest", "matplotlib"],
+        # torch (CPU) and transformers are only the reference implementations of the parity tests.
+        "test": ["pytest", "matplotlib", "torch==2.13.0", "transformers>=5.0"],
     },
 )
