@@ -1,0 +1,63 @@
+"""Tokenize a raw text corpus into a PREFIX.bin/PREFIX.idx token file for pretraining.
+
+Example:
+    python data_tools/create_pretraining_data.py \\
+        --tokenizer_name_or_path tests/assets/tokenizers/gpt2 \\
+        --input_path examples/data/shakespeare --output_prefix data/shakespeare_gpt2 \\
+        --append_eos --workers 2
+
+The argument names follow PaddleNLP's llm/tools/preprocess/create_pretraining_data.py, so existing
+commands keep working; see docs/data.md for the formats.
+"""
+
+import argparse
+
+import _common  # noqa: F401 - puts the repository root on sys.path
+
+from _common import run_tool
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--tokenizer_name_or_path", "--model_name_or_path", "--model_name", dest="tokenizer", required=True,
+        help="tokenizer file (tokenizer.model, tokenizer.json, *.tiktoken) or a directory holding one",
+    )
+    group = parser.add_argument_group("input and output")
+    group.add_argument("--input_path", required=True,
+                       help="a .jsonl/.json/.txt file (optionally .gz or .zst) or a directory searched recursively")
+    group.add_argument("--output_prefix", required=True, help="output path without suffix; writes PREFIX.bin and PREFIX.idx")
+    group.add_argument("--json_key", nargs="+", default=["text"],
+                       help="JSON key(s) holding the text; several keys and list values are joined with newlines")
+    group.add_argument("--data_format", default="JSON", choices=["JSON", "json", "jsonl", "text"],
+                       help="accepted for PaddleNLP compatibility; the input kind comes from each file's suffix")
+    group.add_argument("--data_impl", default="mmap", choices=["mmap"], help="output format; only mmap (.bin/.idx)")
+    group = parser.add_argument_group("processing")
+    group.add_argument("--append_eos", action="store_true", help="append the tokenizer's EOS id to every document")
+    group.add_argument("--workers", type=int, default=1, help="tokenizer processes; the output does not depend on it")
+    group.add_argument("--log_interval", type=int, default=10000,
+                       help="documents between progress log lines when no terminal shows the progress bar")
+    group.add_argument("--skip_invalid", action="store_true",
+                       help="skip and count records with invalid UTF-8, invalid JSON or a missing key instead of failing")
+    return parser.parse_args()
+
+
+def main() -> None:
+    from fleetlm.data.preprocess import tokenize_corpus
+
+    args = parse_args()
+    stats = tokenize_corpus(
+        input_path=args.input_path,
+        tokenizer_path=args.tokenizer,
+        output_prefix=args.output_prefix,
+        json_keys=args.json_key,
+        append_eos=args.append_eos,
+        workers=args.workers,
+        skip_invalid=args.skip_invalid,
+        log_interval=args.log_interval,
+    )
+    print(f"wrote {args.output_prefix}.bin/.idx: {stats.summary()}")
+
+
+if __name__ == "__main__":
+    run_tool(main)

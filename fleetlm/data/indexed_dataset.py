@@ -1,0 +1,380 @@
+"""Token files: the MMIDIDX ``.bin/.idx`` pair and PaddleNLP's older ``_ids.npy/_idx.npz`` pair.
+
+``PREFIX.bin`` contains the token ids of every sequence back to back, in one integer dtype.
+``PREFIX.idx`` describes them, little-endian, in the version-1 layout that Megatron-LM and
+PaddleNLP read and write (``MMapIndexedDataset``):
+
+======  ==========================  ==================================================
+offset  field                       value
+======  ==========================  ==================================================
+0       magic, 9 bytes              ``b"MMIDIDX\\x00\\x00"``
+9       version, uint64             1
+17      dtype code, uint8           1 uint8, 2 int8, 3 int16, 4 int32, 5 int64, 8 uint16
+18      sequence count, uint64      ``n``
+26      document count, uint64      ``m + 1`` (the document index has a leading 0)
+34      sizes, int32[n]             tokens in each sequence
+..      pointers, int64[n]          byte offset of each sequence in ``.bin``
+..      document index, int64[m+1]  first sequence of each document, then ``n``
+======  ==========================  ==================================================
+
+fleetlm writes one sequence per document, but reads files where a document spans several
+sequences (PaddleNLP's ``--split_sentences``). The older pair stores the same data as
+``_ids.npy`` (all tokens, one array) and ``_idx.npz`` with ``lens`` (int32 sequence sizes) and
+``docs`` (int64 document index with the leading 0).
+"""
+
+import os
+import struct
+import uuid
+from typing import Iterable
+
+import numpy as np
+
+from fleetlm.data.errors import DataError
+
+MAGIC = b"MMIDIDX\x00\x00"
+VERSION = 1
+HEADER_SIZE = 34
+
+# dtype codes of the MMIDIDX header, as Megatron-LM and PaddleNLP number them. Codes 6 and 7 are
+# floating point types, and the two projects disagree on which is float32, so they are not token data
+# and are rejected.
+DTYPE_BY_CODE = {
+    1: np.dtype(np.uint8),
+    2: np.dtype(np.int8),
+    3: np.dtype(np.int16),
+    4: np.dtype(np.int32),
+    5: np.dtype(np.int64),
+    8: np.dtype(np.uint16),
+}
+CODE_BY_DTYPE = {dtype: code for code, dtype in DTYPE_BY_CODE.items()}
+
+
+def token_dtype_for_vocab(vocab_size: int) -> np.dtype:
+    """Return uint16 when every id of a ``vocab_size`` vocabulary fits in it, int32 otherwise.
+
+    The choice depends on the tokenizer alone, not on the ids a corpus happens to use, so every
+    file made with one tokenizer has the same dtype and the files can be merged or blended.
+    """
+    return np.dtype(np.uint16) if vocab_size <= 65536 else np.dtype(np.int32)
+
+
+def bin_path(prefix: str) -> str:
+    return prefix + ".bin"
+
+
+def idx_path(prefix: str) -> str:
+    return prefix + ".idx"
+
+
+def dataset_exists(prefix: str) -> bool:
+    """Return whether ``prefix`` names an MMIDIDX pair or an older npy/npz pair."""
+    mmap_pair = os.path.isfile(bin_path(prefix)) and os.path.isfile(idx_path(prefix))
+    npy_pair = os.path.isfile(prefix + "_ids.npy") and os.path.isfile(prefix + "_idx.npz")
+    return mmap_pair or npy_pair
+
+
+class IndexedDatasetWriter:
+    """Write a ``.bin/.idx`` pair that appears under its final name only once it is complete.
+
+    Both files are written under temporary names in the output directory, synced to disk, and
+    renamed at ``finalize``, the ``.idx`` last, so a reader never sees a partial pair. ``abort``
+    (or leaving the ``with`` block on an exception) removes the temporary files.
+    """
+
+    def __init__(self, prefix: str, dtype: np.dtype):
+        self.prefix = prefix
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in CODE_BY_DTYPE:
+            raise DataError(f"unsupported token dtype {self.dtype}; use one of {sorted(map(str, CODE_BY_DTYPE))}")
+        directory = os.path.dirname(os.path.abspath(prefix))
+        if not os.path.isdir(directory):
+            raise DataError(f"output directory {directory!r} does not exist; create it or change --output_prefix")
+        # Hidden, unique temporary names in the output directory, so the final rename stays on one file system.
+        tag = f"{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        base = os.path.basename(prefix)
+        self._bin_tmp_path = os.path.join(directory, f".{base}.bin.{tag}.tmp")
+        self._idx_tmp_path = os.path.join(directory, f".{base}.idx.{tag}.tmp")
+        self._bin_file = open(self._bin_tmp_path, "xb")
+        # Sizes and document ends of single documents collect in lists; merged files arrive as arrays.
+        self._sizes: list[int] = []
+        self._document_ends: list[int] = []
+        self._size_parts: list[np.ndarray] = []
+        self._document_end_parts: list[np.ndarray] = []
+        self._num_sequences = 0
+        self.num_documents = 0
+        self.num_tokens = 0
+        self._done = False
+
+    def add_document(self, token_ids: np.ndarray) -> None:
+        """Append one document stored as one sequence."""
+        array = np.asarray(token_ids)
+        if array.dtype != self.dtype:
+            array = array.astype(self.dtype)
+        self.add_document_bytes(array.tobytes(), len(array))
+
+    def add_document_bytes(self, token_bytes: bytes, num_tokens: int) -> None:
+        """Append one document already encoded as little-endian bytes of this writer's dtype."""
+        self._bin_file.write(token_bytes)
+        self._sizes.append(num_tokens)
+        self._num_sequences += 1
+        self._document_ends.append(self._num_sequences)
+        self.num_documents += 1
+        self.num_tokens += num_tokens
+
+    def add_sequences(self, sizes: np.ndarray, document_index: np.ndarray, token_bytes: Iterable[bytes]) -> None:
+        """Append whole documents from another file: its sizes, its document index, and its token bytes."""
+        for chunk in token_bytes:
+            self._bin_file.write(chunk)
+        self._flush_lists()
+        self._size_parts.append(np.asarray(sizes, dtype=np.int32))
+        self._document_end_parts.append(np.asarray(document_index[1:], dtype=np.int64) + self._num_sequences)
+        self._num_sequences += len(sizes)
+        self.num_documents += len(document_index) - 1
+        self.num_tokens += int(np.sum(sizes, dtype=np.int64))
+
+    def _flush_lists(self) -> None:
+        if self._sizes:
+            self._size_parts.append(np.array(self._sizes, dtype=np.int32))
+            self._document_end_parts.append(np.array(self._document_ends, dtype=np.int64))
+            self._sizes, self._document_ends = [], []
+
+    def finalize(self) -> None:
+        """Write the index and move both files to their final names."""
+        self._bin_file.flush()
+        os.fsync(self._bin_file.fileno())
+        self._bin_file.close()
+
+        self._flush_lists()
+        sizes = np.concatenate([np.zeros(0, np.int32)] + self._size_parts)
+        pointers = np.zeros(len(sizes), dtype=np.int64)
+        np.cumsum(sizes[:-1], dtype=np.int64, out=pointers[1:])
+        pointers *= self.dtype.itemsize
+        document_index = np.concatenate([np.zeros(1, np.int64)] + self._document_end_parts)
+        with open(self._idx_tmp_path, "wb") as handle:
+            handle.write(MAGIC)  # 9 bytes: format name, zero padded
+            handle.write(struct.pack("<Q", VERSION))  # uint64: format version
+            handle.write(struct.pack("<B", CODE_BY_DTYPE[self.dtype]))  # uint8: token dtype code
+            handle.write(struct.pack("<Q", len(sizes)))  # uint64: sequence count
+            handle.write(struct.pack("<Q", len(document_index)))  # uint64: document index length
+            handle.write(sizes.tobytes(order="C"))  # int32[n]: tokens per sequence
+            handle.write(pointers.tobytes(order="C"))  # int64[n]: byte offset of each sequence in .bin
+            handle.write(document_index.tobytes(order="C"))  # int64[m+1]: first sequence of each document
+            handle.flush()
+            os.fsync(handle.fileno())
+
+        os.replace(self._bin_tmp_path, bin_path(self.prefix))
+        os.replace(self._idx_tmp_path, idx_path(self.prefix))
+        self._done = True
+
+    def abort(self) -> None:
+        """Remove the temporary files; the final names are never created."""
+        if self._done:
+            return
+        if not self._bin_file.closed:
+            self._bin_file.close()
+        for path in (self._bin_tmp_path, self._idx_tmp_path):
+            if os.path.exists(path):
+                os.remove(path)
+        self._done = True
+
+    def __enter__(self) -> "IndexedDatasetWriter":
+        return self
+
+    def __exit__(self, exc_type, exc_value, traceback) -> None:
+        if exc_type is not None:
+            self.abort()
+
+
+class TokenDocuments:
+    """Read-only, memory-mapped token file: every document as a slice of one flat token array.
+
+    Attributes:
+        path: the prefix it was opened from.
+        tokens: all token ids, memory-mapped, in the file's dtype.
+        sizes: tokens in each sequence (int32).
+        document_index: first sequence of each document, with the trailing sequence count (int64).
+        doc_start: offset of each document's first token in ``tokens`` (int64).
+        doc_length: tokens in each document (int64).
+    """
+
+    def __init__(self, path: str, tokens: np.ndarray, sizes: np.ndarray, document_index: np.ndarray):
+        self.path = path
+        self.tokens = tokens
+        self.sizes = sizes
+        self.document_index = document_index
+        sequence_start = np.zeros(len(sizes) + 1, dtype=np.int64)
+        np.cumsum(sizes, dtype=np.int64, out=sequence_start[1:])
+        self.doc_start = sequence_start[document_index[:-1]]
+        self.doc_length = sequence_start[document_index[1:]] - self.doc_start
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.tokens.dtype
+
+    @property
+    def num_documents(self) -> int:
+        return len(self.doc_length)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.tokens)
+
+    def document(self, index: int) -> np.ndarray:
+        """Return the token ids of document ``index`` as a view into the memory map."""
+        if not 0 <= index < self.num_documents:
+            raise IndexError(f"document {index} is out of range for {self.path!r} with {self.num_documents} documents")
+        start = self.doc_start[index]
+        return self.tokens[start : start + self.doc_length[index]]
+
+
+def open_token_documents(prefix: str) -> TokenDocuments:
+    """Open ``PREFIX.bin/.idx``, or ``PREFIX_ids.npy/_idx.npz`` when only that pair exists."""
+    if os.path.isfile(idx_path(prefix)) or os.path.isfile(bin_path(prefix)):
+        return _open_mmidx(prefix)
+    if os.path.isfile(prefix + "_idx.npz") or os.path.isfile(prefix + "_ids.npy"):
+        return _open_npy_pair(prefix)
+    raise DataError(
+        f"no token files for prefix {prefix!r}: expected {prefix}.bin and {prefix}.idx "
+        f"(or {prefix}_ids.npy and {prefix}_idx.npz); run data_tools/create_pretraining_data.py first"
+    )
+
+
+def read_index_header(path: str) -> tuple[np.dtype, int, int]:
+    """Return the dtype, sequence count and document-index length from an ``.idx`` header."""
+    with open(path, "rb") as handle:
+        header = handle.read(HEADER_SIZE)
+    if len(header) < HEADER_SIZE or header[:9] != MAGIC:
+        raise DataError(
+            f"{path!r} is not an MMIDIDX index file: it does not start with the magic {MAGIC!r}; "
+            f"rebuild it with data_tools/create_pretraining_data.py"
+        )
+    (version,) = struct.unpack("<Q", header[9:17])
+    if version != VERSION:
+        raise DataError(f"{path!r} has index version {version}; only version {VERSION} is supported")
+    (code,) = struct.unpack("<B", header[17:18])
+    if code not in DTYPE_BY_CODE:
+        raise DataError(
+            f"{path!r} has dtype code {code}, which is not an integer token dtype; "
+            f"valid codes are {sorted(DTYPE_BY_CODE)}"
+        )
+    num_sequences, document_index_length = struct.unpack("<QQ", header[18:34])
+    return DTYPE_BY_CODE[code], num_sequences, document_index_length
+
+
+def _open_mmidx(prefix: str) -> TokenDocuments:
+    index_file, data_file = idx_path(prefix), bin_path(prefix)
+    for path in (index_file, data_file):
+        if not os.path.isfile(path):
+            raise DataError(f"missing {path!r}: a token dataset needs both {prefix}.bin and {prefix}.idx")
+    dtype, num_sequences, document_index_length = read_index_header(index_file)
+
+    expected_idx_bytes = HEADER_SIZE + num_sequences * (4 + 8) + document_index_length * 8
+    actual_idx_bytes = os.path.getsize(index_file)
+    if actual_idx_bytes != expected_idx_bytes:
+        raise DataError(
+            f"{index_file!r} is {actual_idx_bytes} bytes but its header ({num_sequences} sequences, "
+            f"{document_index_length} document index entries) needs {expected_idx_bytes}; the file is truncated "
+            f"or corrupt, rebuild it"
+        )
+    index = np.memmap(index_file, dtype=np.uint8, mode="r")
+    sizes = np.frombuffer(index, dtype=np.int32, count=num_sequences, offset=HEADER_SIZE)
+    pointers = np.frombuffer(index, dtype=np.int64, count=num_sequences, offset=HEADER_SIZE + 4 * num_sequences)
+    document_index = np.frombuffer(
+        index, dtype=np.int64, count=document_index_length, offset=HEADER_SIZE + 12 * num_sequences
+    )
+    _check_document_index(index_file, document_index, num_sequences)
+
+    num_tokens = int(np.sum(sizes, dtype=np.int64))
+    expected_bin_bytes = num_tokens * dtype.itemsize
+    actual_bin_bytes = os.path.getsize(data_file)
+    if actual_bin_bytes != expected_bin_bytes:
+        raise DataError(
+            f"{data_file!r} is {actual_bin_bytes} bytes but {index_file!r} describes {num_tokens} tokens of "
+            f"{dtype} ({expected_bin_bytes} bytes); the pair does not belong together or one file is truncated"
+        )
+    # Sequences must lie back to back in order, as every MMIDIDX writer lays them out, because the
+    # reader addresses documents as slices of one flat token array.
+    expected_pointers = np.zeros(num_sequences, dtype=np.int64)
+    np.cumsum(sizes[:-1], dtype=np.int64, out=expected_pointers[1:])
+    if not np.array_equal(pointers, expected_pointers * dtype.itemsize):
+        raise DataError(
+            f"{index_file!r} has sequence pointers that are not contiguous and in order; this reader supports "
+            f"only files written sequentially, rewrite the file with data_tools/merge_data.py"
+        )
+    tokens = np.memmap(data_file, dtype=dtype, mode="r") if num_tokens else np.zeros(0, dtype=dtype)
+    return TokenDocuments(prefix, tokens, sizes, document_index)
+
+
+def _open_npy_pair(prefix: str) -> TokenDocuments:
+    ids_file, index_file = prefix + "_ids.npy", prefix + "_idx.npz"
+    for path in (ids_file, index_file):
+        if not os.path.isfile(path):
+            raise DataError(f"missing {path!r}: the older format needs both {ids_file} and {index_file}")
+    try:
+        tokens = np.load(ids_file, mmap_mode="r", allow_pickle=False)
+        with np.load(index_file, allow_pickle=False) as archive:
+            arrays = {name: archive[name] for name in ("lens", "docs") if name in archive.files}
+            found = sorted(archive.files)
+    except (ValueError, OSError) as error:
+        raise DataError(f"cannot read {ids_file!r} / {index_file!r}: {error}") from None
+    if len(arrays) != 2:
+        raise DataError(f"{index_file!r} lacks the 'lens' or 'docs' array; it contains {found}")
+    sizes = arrays["lens"].astype(np.int32, copy=False)
+    document_index = arrays["docs"].astype(np.int64, copy=False)
+    if tokens.ndim != 1 or tokens.dtype not in CODE_BY_DTYPE:
+        raise DataError(f"{ids_file!r} contains a {tokens.ndim}-d {tokens.dtype} array; expected 1-d integer token ids")
+    _check_document_index(index_file, document_index, len(sizes))
+    num_tokens = int(np.sum(sizes, dtype=np.int64))
+    if num_tokens != len(tokens):
+        raise DataError(
+            f"{index_file!r} describes {num_tokens} tokens but {ids_file!r} contains {len(tokens)}; "
+            f"the pair does not belong together"
+        )
+    return TokenDocuments(prefix, tokens, sizes, document_index)
+
+
+def _check_document_index(path: str, document_index: np.ndarray, num_sequences: int) -> None:
+    if len(document_index) == 0 or document_index[0] != 0 or document_index[-1] != num_sequences:
+        raise DataError(
+            f"{path!r} has an invalid document index: it must start at 0 and end at the sequence count "
+            f"{num_sequences}; rebuild the file"
+        )
+    if np.any(np.diff(document_index) < 0):
+        raise DataError(f"{path!r} has a decreasing document index; rebuild the file")
+
+
+def find_prefixes(directory: str) -> list[str]:
+    """Return every token-file prefix in ``directory`` (``*.idx`` or ``*_idx.npz``), sorted."""
+    prefixes = set()
+    for name in os.listdir(directory):
+        if name.endswith(".idx"):
+            prefixes.add(os.path.join(directory, name[: -len(".idx")]))
+        elif name.endswith("_idx.npz"):
+            prefixes.add(os.path.join(directory, name[: -len("_idx.npz")]))
+    return sorted(prefixes)
+
+
+def merge_token_files(prefixes: list[str], output_prefix: str, chunk_bytes: int = 64 << 20) -> IndexedDatasetWriter:
+    """Concatenate several token files into one ``.bin/.idx`` pair and return the finished writer.
+
+    Every input must have the same token dtype, because the ids are copied as raw bytes.
+    """
+    if not prefixes:
+        raise DataError("nothing to merge: no input prefixes were given")
+    inputs = [open_token_documents(prefix) for prefix in prefixes]
+    dtypes = {str(documents.dtype) for documents in inputs}
+    if len(dtypes) > 1:
+        listing = ", ".join(f"{documents.path} ({documents.dtype})" for documents in inputs)
+        raise DataError(
+            f"cannot merge token files of different dtypes: {listing}; every input must come from the same "
+            f"tokenizer (or one of the same vocabulary size class)"
+        )
+    writer = IndexedDatasetWriter(output_prefix, inputs[0].dtype)
+    with writer:
+        for documents in inputs:
+            flat = documents.tokens.view(np.uint8) if documents.num_tokens else np.zeros(0, np.uint8)
+            chunks = (flat[i : i + chunk_bytes].tobytes() for i in range(0, len(flat), chunk_bytes))
+            writer.add_sequences(documents.sizes, documents.document_index, chunks)
+        writer.finalize()
+    return writer
