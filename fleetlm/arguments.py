@@ -15,6 +15,7 @@ and listed in ``IGNORED_KEYS`` with the reason.
 import dataclasses
 import difflib
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple, Union
@@ -22,6 +23,10 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 class ConfigError(ValueError):
     """An invalid argument: the message names the key, the value and the fix."""
+
+
+# A command-line flag written without a value ("--do_eval"); only boolean options may do that.
+_NO_VALUE = object()
 
 
 def _help(text: str, **extra) -> Dict[str, Any]:
@@ -66,7 +71,9 @@ class ModelArguments:
     max_position_embeddings: Optional[int] = field(
         default=None, metadata=_help("Override: longest sequence the position encoding is built for, in tokens.")
     )
-    rms_norm_eps: Optional[float] = field(default=None, metadata=_help("Override: RMSNorm epsilon."))
+    rms_norm_eps: Optional[float] = field(
+        default=None, metadata=_help("Override: epsilon of every norm layer (RMSNorm or LayerNorm, by family).")
+    )
     rope_theta: Optional[float] = field(default=None, metadata=_help("Override: rotary embedding base."))
     tie_word_embeddings: Optional[bool] = field(
         default=None, metadata=_help("Override: share the input embedding with the output layer.")
@@ -224,7 +231,7 @@ IGNORED_KEYS = {
     "recompute_use_reentrant": "recompute uses Paddle's default",
     "device": "the device comes from the Paddle build and the launcher",
     "skip_profile_timer": "there is no profiler timer",
-    "use_fast_layer_norm": "LLaMA-family models use RMSNorm",
+    "use_fast_layer_norm": "the norm kernel is chosen by use_fused_rms_norm and the device",
 }
 
 
@@ -251,6 +258,10 @@ def _base_type(annotation) -> Tuple[type, bool]:
 def _coerce(key: str, value: Any, annotation, from_cli: bool) -> Any:
     """Convert a JSON value or a CLI string to the field's type, or raise ConfigError."""
     base, optional = _base_type(annotation)
+    if value is _NO_VALUE and key != "resume_from_checkpoint":
+        if base is bool:
+            return True
+        raise ConfigError(f"--{key} needs a value ({base.__name__}); write --{key} VALUE.")
     shown = repr(value)
     if value is None or (from_cli and optional and str(value).lower() in ("none", "null")):
         if optional:
@@ -258,7 +269,9 @@ def _coerce(key: str, value: Any, annotation, from_cli: bool) -> Any:
         raise ConfigError(f"{key}={shown}: a value is required here ({base.__name__}).")
 
     if key == "resume_from_checkpoint":
-        # PaddleNLP accepts true/false as well as a path.
+        # PaddleNLP accepts true/false as well as a path; a bare flag means true.
+        if value is True or value is _NO_VALUE:
+            return "true"
         if isinstance(value, bool):
             return "true" if value else None
         text = str(value)
@@ -293,14 +306,19 @@ def _coerce(key: str, value: Any, annotation, from_cli: bool) -> Any:
     if base is float:
         if isinstance(value, bool):
             raise ConfigError(f"{key}={shown}: expected a number, got a boolean.")
+        number = None
         if isinstance(value, (int, float)):
-            return float(value)
-        if from_cli:
+            number = float(value)
+        elif from_cli:
             try:
-                return float(str(value))
+                number = float(str(value))
             except ValueError:
                 pass
-        raise ConfigError(f"{key}={shown}: expected a number.")
+        if number is None:
+            raise ConfigError(f"{key}={shown}: expected a number.")
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}={shown}: expected a finite number.")
+        return number
 
     if base is list:
         if from_cli and isinstance(value, str):
@@ -326,10 +344,19 @@ def _unknown_key_error(key: str, source: str) -> ConfigError:
     return ConfigError(f"Unknown argument '{key}' in {source}.{hint}")
 
 
+def _reject_duplicates(pairs, path: str) -> Dict[str, Any]:
+    seen: Dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ConfigError(f"Argument file {path} sets '{key}' twice ({seen[key]!r} and {value!r}); keep one.")
+        seen[key] = value
+    return seen
+
+
 def _read_json(path: str) -> Dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+            data = json.load(f, object_pairs_hook=lambda pairs: _reject_duplicates(pairs, path))
     except FileNotFoundError:
         raise ConfigError(f"Argument file not found: {path}") from None
     except json.JSONDecodeError as e:
@@ -346,7 +373,8 @@ def _split_cli(argv: List[str]) -> Dict[str, str]:
     while i < len(argv):
         token = argv[i]
         if not token.startswith("--"):
-            raise ConfigError(f"Unexpected command-line value '{token}': options are written '--key value'.")
+            hint = " The JSON argument file must come first, before any --key value." if token.endswith(".json") else ""
+            raise ConfigError(f"Unexpected command-line value '{token}': options are written '--key value'.{hint}")
         key = token[2:]
         if "=" in key:
             key, value = key.split("=", 1)
@@ -355,7 +383,7 @@ def _split_cli(argv: List[str]) -> Dict[str, str]:
             value = argv[i + 1]
             i += 2
         else:
-            value = "true"
+            value = _NO_VALUE
             i += 1
         values[key.replace("-", "_")] = value
     return values
@@ -458,6 +486,10 @@ def check_choices(args: Arguments) -> None:
     for key, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"{key}={value}: must not be negative.")
+    if not 0 <= t.seed < 2**32:
+        raise ConfigError(f"seed={t.seed}: must be in [0, 2**32).")
+    if t.adam_epsilon <= 0:
+        raise ConfigError(f"adam_epsilon={t.adam_epsilon}: must be positive.")
     if not 0.0 <= t.warmup_ratio < 1.0:
         raise ConfigError(f"warmup_ratio={t.warmup_ratio}: must be in [0, 1).")
     if t.min_learning_rate > t.learning_rate:

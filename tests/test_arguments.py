@@ -145,3 +145,30 @@ def test_help_lists_every_option():
                  "use_flash_attention", "num_hidden_layers", "peak_tflops"):
         assert f"--{name} (" in text, name
     assert "Tokens per training sample." in text
+
+
+def test_flag_without_value_rejected_for_non_bool():
+    with pytest.raises(ConfigError, match="--output_dir needs a value"):
+        parse_arguments(["--output_dir"])
+    assert parse_arguments(["--do_eval"]).training.do_eval is True
+    assert parse_arguments(["--resume_from_checkpoint"]).training.resume_from_checkpoint == "true"
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--learning_rate", "nan"], "learning_rate='nan': expected a finite number"),
+    (["--max_grad_norm", "inf"], "max_grad_norm='inf': expected a finite number"),
+    (["--seed", "-1"], "seed=-1: must be in [0, 2**32)"),
+    (["--adam_epsilon", "0"], "adam_epsilon=0.0: must be positive"),
+    (["--max_steps", "3", "args.json"], "The JSON argument file must come first"),
+])
+def test_bad_cli_numbers_rejected(argv, expected):
+    with pytest.raises(ConfigError) as info:
+        parse_arguments(argv)
+    assert expected in str(info.value)
+
+
+def test_duplicate_json_key_rejected(tmp_path):
+    path = tmp_path / "dup.json"
+    path.write_text('{"max_steps": 1, "max_steps": 2}')
+    with pytest.raises(ConfigError, match="sets 'max_steps' twice"):
+        parse_arguments([str(path)])
