@@ -1,13 +1,21 @@
-"""Benchmark the data pipeline: preprocessing throughput and index build time.
+"""Benchmark the data pipeline: preprocessing throughput against the bare tokenizer, and index build time.
 
-    python benchmarks/bench_data.py                      # all four tokenizers, 1 and 2 workers
-    python benchmarks/bench_data.py --tokenizers gpt2 --workers 1 2 4 --copies 32
+    python benchmarks/bench_data.py                      # all four tokenizers, 1 worker and 1 per core
+    python benchmarks/bench_data.py --tokenizers gpt2 --workers 1 2 4 --corpus_mb 200
 
-Preprocessing: the Shakespeare demo plays, cut into documents of 100 lines and repeated
-``--copies`` times, are written as one .jsonl file. The bare tokenizer's rate is
-``tokenizer.encode`` over the same document texts in memory, one process. The pipeline's rate is
-``tokenize_corpus`` on the file, end to end (reading, JSON parsing, tokenizing, writing) and also
-without the one-off tokenizer load, which a larger corpus amortizes.
+Preprocessing: every document of the bundled corpora (the Shakespeare plays cut into 100-line
+documents, each poem and chapter of examples/data/chinese-poetry) is written to a temporary .jsonl
+file, the whole set again and again until the file reaches ``--corpus_mb`` MB. ``tokenize_corpus``
+then runs on that file end to end: reading, JSON parsing, tokenizing, writing .bin/.idx, and one
+tokenizer load in the main process, which is also timed on its own.
+
+The bare tokenizer is ``tokenizer.encode`` on every document of the corpus, held in memory, in
+one process. Each figure is the fastest of ``--repeats`` runs, to filter out other processes on
+the machine.
+
+Besides wall time, the benchmark reads the CPU time of the main process and of the worker
+processes (``resource.RUSAGE_CHILDREN``). Tokens per CPU second do not depend on how many cores
+other jobs leave free, so they show the cost of the pipeline even on a busy machine.
 
 Index build: synthetic document lengths (log-normal, mean about 1,000 tokens) adding up to
 ``--index_tokens`` tokens, indexed for one epoch of ``--seq_length`` samples on one core.
@@ -16,6 +24,7 @@ Index build: synthetic document lengths (log-normal, mean about 1,000 tokens) ad
 import argparse
 import json
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -37,65 +46,91 @@ TOKENIZERS = {
     "chatglm3": "tests/assets/tokenizers/chatglm3/tokenizer.json",
 }
 SHAKESPEARE_DIR = os.path.join(REPO_ROOT, "examples", "data", "shakespeare")
+POETRY_DIR = os.path.join(REPO_ROOT, "examples", "data", "chinese-poetry")
 
 
-def make_corpus(path: str, copies: int) -> list[str]:
-    """Write the plays as 100-line documents, ``copies`` times over, to a .jsonl file; return the texts."""
+def bundled_documents() -> list[str]:
+    """Return the plays as 100-line documents, then every poem and chapter of the poetry files."""
     documents = []
     for name in sorted(os.listdir(SHAKESPEARE_DIR)):
         if name.endswith(".txt"):
             with open(os.path.join(SHAKESPEARE_DIR, name), encoding="utf-8") as handle:
                 lines = handle.read().split("\n")
             documents += ["\n".join(lines[i : i + 100]) for i in range(0, len(lines), 100)]
-    documents = [document for document in documents if document.strip()] * copies
-    with open(path, "w", encoding="utf-8") as handle:
-        for document in documents:
-            handle.write(json.dumps({"text": document}, ensure_ascii=False) + "\n")
-    return documents
+    for name in sorted(os.listdir(POETRY_DIR)):
+        if name.endswith(".json"):
+            with open(os.path.join(POETRY_DIR, name), encoding="utf-8") as handle:
+                documents += ["\n".join(record["paragraphs"]) for record in json.load(handle)]
+    return [document for document in documents if document.strip()]
 
 
-def best_seconds(run, repeats: int) -> float:
-    """Return the shortest wall time of ``repeats`` calls, which filters out noise from other processes."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return min(times)
+def write_corpus(path: str, documents: list[str], megabytes: float) -> int:
+    """Write ``documents`` to a .jsonl file again and again until it reaches ``megabytes`` MB; return the copies."""
+    body = "".join(json.dumps({"text": document}, ensure_ascii=False) + "\n" for document in documents)
+    body = body.encode("utf-8")
+    copies = max(1, int(np.ceil(megabytes * 1e6 / len(body))))
+    with open(path, "wb") as handle:
+        for _ in range(copies):
+            handle.write(body)
+    return copies
 
 
-def bench_tokenizer(name: str, corpus: str, documents: list[str], workers_list: list[int], output_dir: str,
-                    repeats: int) -> None:
+class Timing:
+    """Wall time and CPU time (this process, and its finished child processes) of one call."""
+
+    def __init__(self, run):
+        wall, cpu, children = time.perf_counter(), time.process_time(), _children_cpu()
+        self.value = run()
+        self.wall = time.perf_counter() - wall
+        self.main_cpu = time.process_time() - cpu
+        self.workers_cpu = _children_cpu() - children
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def fastest(timings: list[Timing]) -> Timing:
+    return min(timings, key=lambda timing: timing.wall)
+
+
+def bench_tokenizer(name: str, corpus: str, documents: list[str], copies: int, workers_list: list[int],
+                    output_dir: str, repeats: int) -> None:
     path = os.path.join(REPO_ROOT, TOKENIZERS[name])
-    load_seconds = best_seconds(lambda: load_tokenizer(path), repeats)
-    tokenizer = load_tokenizer(path)
-    num_tokens = sum(len(tokenizer.encode(document)) for document in documents)
+    load = fastest([Timing(lambda: load_tokenizer(path)) for _ in range(repeats)])
+    tokenizer = load.value
+    tokens_per_copy = sum(len(tokenizer.encode(document)) for document in documents)
+    num_tokens = tokens_per_copy * copies
 
     # Bare and pipeline runs alternate, so that load from other processes hits both alike.
-    bare_times = {}
-    pipeline_times = {workers: [] for workers in workers_list}
+    bare, pipeline = [], {workers: [] for workers in workers_list}
     for _ in range(repeats):
-        # Only the lengths are kept, so that holding every id list does not slow the bare loop down.
-        bare_times.setdefault("bare", []).append(
-            best_seconds(lambda: [len(tokenizer.encode(document)) for document in documents], 1))
+        # The corpus is ``copies`` times ``documents``. Only the lengths are kept, so that holding every id
+        # list does not slow the bare loop down.
+        bare.append(Timing(lambda: [len(tokenizer.encode(text)) for _ in range(copies) for text in documents]))
         for workers in workers_list:
             prefix = os.path.join(output_dir, f"{name}_{workers}")
-            pipeline_times[workers].append(
-                best_seconds(lambda: tokenize_corpus(corpus, path, prefix, workers=workers), 1))
-            assert os.path.getsize(prefix + ".bin") == num_tokens * (4 if tokenizer.vocab_size > 65536 else 2)
+            pipeline[workers].append(Timing(lambda: tokenize_corpus(corpus, path, prefix, workers=workers)))
+            assert pipeline[workers][-1].value.tokens_written == num_tokens
 
-    bare_rate = num_tokens / min(bare_times["bare"])
-    print(f"{name:12s} bare tokenizer.encode, 1 process: {bare_rate / 1e6:5.2f} M tokens/s "
-          f"(tokenizer load {load_seconds:.2f} s)")
+    bare_run = fastest(bare)
+    bare_rate = num_tokens / bare_run.wall
+    bare_cpu_rate = num_tokens / bare_run.main_cpu
+    print(f"{name}: {num_tokens / 1e6:.1f} M tokens; tokenizer load {load.wall:.3f} s; bare tokenizer.encode, "
+          f"1 process: {bare_rate / 1e6:.2f} M tokens/s ({bare_cpu_rate / 1e6:.2f} per CPU second)")
     for workers in workers_list:
-        seconds = min(pipeline_times[workers])
-        per_worker = num_tokens / seconds / workers
-        # The tokenizer load is paid once per run (and once per worker process); a larger corpus amortizes it.
-        per_worker_steady = num_tokens / (seconds - load_seconds) / workers
-        print(f"{name:12s} pipeline, {workers} worker{'s' if workers > 1 else ' '}: "
-              f"{num_tokens / seconds / 1e6:5.2f} M tokens/s end to end = {per_worker / 1e6:5.2f} per worker "
-              f"({per_worker / bare_rate:4.0%} of bare); excluding one tokenizer load "
-              f"{per_worker_steady / 1e6:5.2f} per worker ({per_worker_steady / bare_rate:4.0%})")
+        run = fastest(pipeline[workers])
+        per_worker = num_tokens / run.wall / workers
+        # The worker processes do the tokenizing; with one worker the main process does it all.
+        tokenizing_cpu = run.workers_cpu if workers > 1 else run.main_cpu
+        per_cpu = num_tokens / tokenizing_cpu
+        total_cpu = run.main_cpu + run.workers_cpu
+        print(f"  {workers} worker{'s' if workers > 1 else ' '}: {run.wall:6.2f} s, "
+              f"{num_tokens / run.wall / 1e6:5.2f} M tokens/s, {per_worker / 1e6:5.2f} per worker "
+              f"= {per_worker / bare_rate:4.0%} of bare | CPU s: main {run.main_cpu:5.2f}, "
+              f"workers {run.workers_cpu:6.2f}; {per_cpu / 1e6:5.2f} M tokens per worker CPU second "
+              f"= {per_cpu / bare_cpu_rate:4.0%} of bare; all processes {num_tokens / total_cpu / bare_cpu_rate:4.0%}")
 
 
 def bench_index(total_tokens: int, seq_length: int, repeats: int) -> None:
@@ -116,28 +151,32 @@ def bench_index(total_tokens: int, seq_length: int, repeats: int) -> None:
         hash_array(lengths)
         return build_indices(lengths, documents, seq_length, num_epochs, seed=1234, split_id=0)
 
-    seconds = best_seconds(build, repeats)
+    run = fastest([Timing(build) for _ in range(repeats)])
     print(f"index build: {tokens / 1e9:.2f} B tokens, {len(lengths):,} documents, seq_length {seq_length}, "
-          f"{len(build()['shuffle_index']):,} samples, {num_epochs} epoch, 1 core: {seconds:.2f} s")
+          f"{len(run.value['shuffle_index']):,} samples, {num_epochs} epoch, 1 core: {run.wall:.2f} s")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokenizers", nargs="+", default=list(TOKENIZERS), choices=list(TOKENIZERS))
-    parser.add_argument("--workers", nargs="+", type=int, default=[1, 2], help="worker counts to run")
-    parser.add_argument("--copies", type=int, default=16, help="times the demo plays are repeated in the corpus")
+    parser.add_argument("--workers", nargs="+", type=int, default=sorted({1, os.cpu_count() or 1}),
+                        help="worker counts to run (default: 1 and the number of CPUs)")
+    parser.add_argument("--corpus_mb", type=float, default=100,
+                        help="size of the generated .jsonl corpus in MB; large enough to amortize the tokenizer load")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each measurement; the fastest is reported")
     parser.add_argument("--index_tokens", type=float, default=1e9, help="tokens in the synthetic index benchmark")
     parser.add_argument("--seq_length", type=int, default=4096, help="sequence length of the index benchmark")
     args = parser.parse_args()
 
     print(f"python {sys.version.split()[0]}, numpy {np.__version__}, {os.cpu_count()} CPUs")
+    documents = bundled_documents()
     with tempfile.TemporaryDirectory() as directory:
         corpus = os.path.join(directory, "corpus.jsonl")
-        documents = make_corpus(corpus, args.copies)
-        print(f"corpus: {len(documents):,} documents, {os.path.getsize(corpus) / 1e6:.1f} MB of jsonl")
+        copies = write_corpus(corpus, documents, args.corpus_mb)
+        print(f"corpus: {len(documents):,} documents x {copies} copies = {len(documents) * copies:,} documents, "
+              f"{os.path.getsize(corpus) / 1e6:.1f} MB of jsonl")
         for name in args.tokenizers:
-            bench_tokenizer(name, corpus, documents, args.workers, directory, args.repeats)
+            bench_tokenizer(name, corpus, documents, copies, args.workers, directory, args.repeats)
     bench_index(int(args.index_tokens), args.seq_length, args.repeats)
 
 

@@ -34,7 +34,9 @@ def parse_args() -> argparse.Namespace:
     group.add_argument("--data_impl", default="mmap", choices=["mmap"], help="output format; only mmap (.bin/.idx)")
     group = parser.add_argument_group("processing")
     group.add_argument("--append_eos", action="store_true", help="append the tokenizer's EOS id to every document")
-    group.add_argument("--workers", type=int, default=1, help="tokenizer processes; the output does not depend on it")
+    group.add_argument("--workers", type=int, default=1,
+                       help="processes that parse and tokenize (1: the main process does it); the output does not "
+                            "depend on it. Use one per free core")
     group.add_argument("--log_interval", type=int, default=10000,
                        help="documents between progress log lines when no terminal shows the progress bar")
     group.add_argument("--skip_invalid", action="store_true",

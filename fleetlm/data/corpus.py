@@ -1,8 +1,9 @@
 """Readers for raw text corpora: ``.jsonl``, ``.json`` arrays and ``.txt`` files, plain or compressed.
 
 Reading has two steps, so that the expensive one can run in worker processes.
-``iter_raw_records`` (main process) cuts files into records and keeps the byte offset of each.
-``extract_text`` (any process) decodes and parses one record and returns its document text.
+``iter_record_blocks`` (main process) cuts files into blocks of whole records and keeps the
+line number and byte offset where each block starts. ``RecordBlock.records`` and ``extract_text``
+(any process) split a block into records and decode and parse each into its document text.
 Every error names the file, the line and the byte offset. For a compressed file the offset
 counts bytes of the decompressed stream.
 """
@@ -22,13 +23,18 @@ DOCUMENT_SUFFIXES = (".jsonl", ".json", ".txt")
 COMPRESSION_SUFFIXES = ("", ".gz", ".zst", ".zstd")
 _UTF8_BOM = b"\xef\xbb\xbf"
 
+# A .jsonl file is read this many bytes at a time, and each read ends a block at its last line break.
+JSONL_BLOCK_BYTES = 1 << 20
+# Elements of a parsed .json array per block.
+JSON_BLOCK_ELEMENTS = 1024
+
 
 class InvalidRecordError(DataError):
     """One record that cannot be read; ``--skip_invalid`` skips and counts these instead of failing."""
 
 
 class RawRecord(NamedTuple):
-    """One document before decoding (a tuple, because batches of these are pickled to the workers).
+    """One document before decoding (a tuple, because one is made for every line of a corpus).
 
     ``payload`` is the raw line (``jsonl``), the parsed array element (``json``) or the whole file
     (``txt``). ``line`` is 1-based; for a ``json`` array it is the element's 1-based position.
@@ -44,6 +50,43 @@ class RawRecord(NamedTuple):
         if self.kind == "json":
             return f"{self.path}, array element {self.line}"
         return f"{self.path}, line {self.line}, byte offset {self.offset}"
+
+
+class RecordBlock(NamedTuple):
+    """Consecutive records of one file, handed whole to a worker (a tuple, so that it pickles cheaply).
+
+    ``payload`` is one of: whole lines (``jsonl``), the parsed array elements (``json``), the whole
+    file (``txt``), or the message of a file that could not be parsed (``invalid``). The last line of
+    a ``jsonl`` file may lack its line break, and a byte order mark at the start of the file is kept.
+    ``first_line`` is the 1-based line, or array element for ``json``, of the first record, and
+    ``first_offset`` is its byte offset.
+    """
+
+    kind: str
+    path: str
+    first_line: int
+    first_offset: int
+    payload: Union[bytes, list, str]
+
+    def records(self) -> Iterator[RawRecord]:
+        """Yield the records of the block in file order."""
+        if self.kind == "jsonl":
+            data, start, line = self.payload, 0, self.first_line
+            while start < len(data):
+                end = data.find(b"\n", start) + 1
+                if end == 0:
+                    end = len(data)
+                record_start = start
+                if self.first_offset + start == 0 and data.startswith(_UTF8_BOM):
+                    # A byte order mark before the first line is not part of the record.
+                    record_start += len(_UTF8_BOM)
+                yield RawRecord("jsonl", self.path, line, self.first_offset + record_start, data[record_start:end])
+                start, line = end, line + 1
+        elif self.kind == "json":
+            for number, element in enumerate(self.payload, start=self.first_line):
+                yield RawRecord("json", self.path, number, 0, element)
+        else:
+            yield RawRecord(self.kind, self.path, self.first_line, self.first_offset, self.payload)
 
 
 def document_kind(path: str) -> str:
@@ -94,9 +137,58 @@ def open_binary(path: str) -> io.BufferedIOBase:
     if name.endswith((".zst", ".zstd")):
         import zstandard
 
-        raw = open(path, "rb")
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True))
+        return io.BufferedReader(_ZstdReader(open(path, "rb"), zstandard.ZstdDecompressor()))
     return open(path, "rb")
+
+
+class _ZstdReader(io.RawIOBase):
+    """Decompress a .zst file frame by frame, raising EOFError when the last frame is cut short.
+
+    zstandard's own ``stream_reader`` (0.25) stops quietly at the end of a truncated frame, which
+    would turn a damaged file into silently shorter data.
+    """
+
+    _CHUNK = 1 << 20
+
+    def __init__(self, raw, decompressor):
+        self._raw = raw
+        self._decompressor = decompressor
+        self._frame = decompressor.decompressobj()
+        self._in_frame = False  # True once the current frame has received input
+        self._pending = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self._pending:
+            data = self._raw.read(self._CHUNK)
+            if not data:
+                if self._in_frame and not self._frame.eof:
+                    raise EOFError("the zstd stream ends inside a frame (truncated file)")
+                return 0
+            self._pending = self._decompress(data)
+        size = min(len(buffer), len(self._pending))
+        buffer[:size] = self._pending[:size]
+        self._pending = self._pending[size:]
+        return size
+
+    def _decompress(self, data: bytes) -> bytes:
+        out = []
+        while data:
+            self._in_frame = True
+            out.append(self._frame.decompress(data))
+            if not self._frame.eof:
+                break
+            # A file may hold several frames: start a new one on the bytes after this frame.
+            data = self._frame.unused_data
+            self._frame = self._decompressor.decompressobj()
+            self._in_frame = False
+        return b"".join(out)
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
 
 
 def _read_errors() -> tuple:
@@ -114,45 +206,73 @@ def _read_all(path: str) -> bytes:
         raise DataError(f"cannot read {path!r}: {error}; check that the file is complete") from None
 
 
-def iter_raw_records(paths: Sequence[str], skip_invalid: bool = False) -> Iterator[RawRecord]:
-    """Yield the records of every file in order.
+def iter_record_blocks(paths: Sequence[str], skip_invalid: bool = False) -> Iterator[RecordBlock]:
+    """Yield the records of every file in order, as blocks.
 
-    A ``.json`` file must be parsed whole to find its elements, so invalid UTF-8 or JSON in it
-    raises here. With ``skip_invalid`` the file is skipped with a warning instead, and one record
-    of kind "invalid" is yielded so that the caller can count it.
+    A ``.json`` file must be parsed whole to find its elements. When it holds invalid UTF-8 or
+    JSON, one block of kind "invalid" carries the error message in its place, so that the caller
+    raises it, or counts it under ``skip_invalid``, in file order. ``skip_invalid`` only adds a
+    warning here. A file that cannot be read raises DataError at once.
     """
     for path in paths:
         kind = document_kind(path)
         if kind == "jsonl":
-            yield from _iter_jsonl(path)
+            yield from _iter_jsonl_blocks(path)
         elif kind == "txt":
             data = _read_all(path)
-            yield RawRecord("txt", path, 1, 0, data[len(_UTF8_BOM) :] if data.startswith(_UTF8_BOM) else data)
+            yield RecordBlock("txt", path, 1, 0, data[len(_UTF8_BOM) :] if data.startswith(_UTF8_BOM) else data)
         else:
             try:
                 elements = _parse_json_array(path)
             except InvalidRecordError as error:
-                if not skip_invalid:
-                    raise
-                logger.warning("skipping %s", error)
-                yield RawRecord("invalid", path, 0, 0, str(error))
+                if skip_invalid:
+                    logger.warning("skipping %s", error)
+                yield RecordBlock("invalid", path, 0, 0, str(error))
                 continue
-            for number, element in enumerate(elements, start=1):
-                yield RawRecord("json", path, number, 0, element)
+            for start in range(0, len(elements), JSON_BLOCK_ELEMENTS):
+                yield RecordBlock("json", path, start + 1, 0, elements[start : start + JSON_BLOCK_ELEMENTS])
 
 
-def _iter_jsonl(path: str) -> Iterator[RawRecord]:
-    offset = 0
+def iter_raw_records(paths: Sequence[str], skip_invalid: bool = False) -> Iterator[RawRecord]:
+    """Yield the records of every file in order.
+
+    Invalid UTF-8 or JSON in a ``.json`` file raises InvalidRecordError here. With ``skip_invalid``
+    the file is skipped with a warning instead, and one record of kind "invalid" is yielded so that
+    the caller can count it.
+    """
+    for block in iter_record_blocks(paths, skip_invalid=skip_invalid):
+        if block.kind == "invalid" and not skip_invalid:
+            raise InvalidRecordError(block.payload)
+        yield from block.records()
+
+
+def _iter_jsonl_blocks(path: str) -> Iterator[RecordBlock]:
+    line = 1
+    offset = 0  # byte offset of the next block in the file
+    consumed = 0  # bytes read without error, for the message of a damaged file
+    parts: list[bytes] = []  # bytes read after the last line break so far
     try:
         with open_binary(path) as handle:
-            for number, line in enumerate(handle, start=1):
-                payload = line[len(_UTF8_BOM) :] if number == 1 and line.startswith(_UTF8_BOM) else line
-                yield RawRecord("jsonl", path, number, offset + len(line) - len(payload), payload)
-                offset += len(line)
+            while chunk := handle.read(JSONL_BLOCK_BYTES):
+                consumed += len(chunk)
+                cut = chunk.rfind(b"\n") + 1
+                if cut == 0:
+                    # No line ends in this read: keep reading.
+                    parts.append(chunk)
+                    continue
+                parts.append(chunk[:cut])
+                block = b"".join(parts)
+                yield RecordBlock("jsonl", path, line, offset, block)
+                line += block.count(b"\n")
+                offset += len(block)
+                parts = [chunk[cut:]]
     except _read_errors() as error:
         raise DataError(
-            f"cannot read {path!r} after byte offset {offset}: {error}; check that the file is complete"
+            f"cannot read {path!r} after byte offset {consumed}: {error}; check that the file is complete"
         ) from None
+    last = b"".join(parts)
+    if last:
+        yield RecordBlock("jsonl", path, line, offset, last)
 
 
 def _parse_json_array(path: str) -> list:

@@ -1,7 +1,9 @@
 """Tokenize a raw corpus into a ``.bin/.idx`` token file, in one process or several.
 
-The main process reads records in file order and sends them in batches to the workers, which
-decode, parse and tokenize them. Results are written back in submission order, so the output is
+The main process only reads: it cuts the files into blocks of whole records and groups the
+blocks into tasks of about ``TASK_BYTES``. Each task is decoded, parsed, tokenized and turned
+into little-endian token bytes in one call, in a worker process or, with one worker, in the main
+process itself. The main process writes the results in submission order, so the output is
 byte-identical for any number of workers.
 """
 
@@ -10,12 +12,12 @@ import multiprocessing
 import os
 import time
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, NamedTuple, Optional, Sequence
 
 import numpy as np
 from tqdm import tqdm
 
-from fleetlm.data.corpus import InvalidRecordError, RawRecord, extract_text, iter_raw_records, list_input_files
+from fleetlm.data.corpus import InvalidRecordError, RecordBlock, extract_text, iter_record_blocks, list_input_files
 from fleetlm.data.errors import DataError
 from fleetlm.data.indexed_dataset import IndexedDatasetWriter, token_dtype_for_vocab
 from fleetlm.tokenizer import Tokenizer, load_tokenizer
@@ -23,13 +25,10 @@ from fleetlm.utils.log import get_logger
 
 logger = get_logger(__name__)
 
-# A batch is cut at whichever limit comes first; batches amortize the inter-process overhead.
-BATCH_RECORDS = 256
-BATCH_BYTES = 1 << 20
-
-# Result markers for records that produce no document.
-_EMPTY = -1
-_INVALID = -2
+# Blocks are grouped into tasks of at least this many bytes (a .json block counts as a whole task).
+# 1 MiB keeps the inter-process traffic to a few messages a second per worker, and the last task,
+# which one worker finishes alone, short.
+TASK_BYTES = 1 << 20
 
 
 @dataclass
@@ -52,78 +51,143 @@ class PreprocessStats:
         )
 
 
-class _Encoder:
-    """Per-process state: the tokenizer and the settings that turn a record into token bytes."""
+class TaskResult(NamedTuple):
+    """The documents of one task, ready to append to the token file."""
 
-    def __init__(self, tokenizer: Tokenizer, json_keys: Sequence[str], append_eos: bool):
+    token_bytes: bytes  # little-endian ids of every document written, in order
+    sizes: np.ndarray  # int32 tokens per document written
+    records: int  # records in the task, documents and skipped ones alike
+    documents_read: int
+    empty_skipped: int
+    invalid_skipped: int
+    error: Optional[str]  # message of the first invalid record, when invalid records are not skipped
+
+
+class TaskEncoder:
+    """Per-process state: the tokenizer and the settings that turn a task of records into token bytes."""
+
+    def __init__(self, tokenizer: Tokenizer, json_keys: Sequence[str], append_eos: bool, skip_invalid: bool):
         self.tokenizer = tokenizer
         self.json_keys = list(json_keys)
+        self.append_eos = append_eos
+        self.skip_invalid = skip_invalid
         self.eos = tokenizer.eos_token_id if append_eos else None
         self.dtype = np.dtype(token_dtype_for_vocab(tokenizer.vocab_size)).newbyteorder("<")
 
-    def encode_batch(self, records: list[RawRecord]) -> list[tuple[int, object]]:
-        """Return ``(num_tokens, token bytes)`` per record, or ``(_EMPTY, None)`` / ``(_INVALID, message)``."""
-        results = []
-        for record in records:
-            try:
-                text = extract_text(record, self.json_keys)
-            except InvalidRecordError as error:
-                results.append((_INVALID, str(error)))
-                continue
-            if not text or text.isspace():
-                results.append((_EMPTY, None))
-                continue
-            # The cast cannot overflow: the dtype was chosen to hold every id of the vocabulary.
-            ids = self.tokenizer.encode_array(text).astype(self.dtype, copy=False)
-            if self.eos is not None:
-                ids = np.append(ids, np.array([self.eos], dtype=self.dtype))
-            results.append((len(ids), ids.tobytes()))
-        return results
+    def encode_task(self, blocks: Sequence[RecordBlock]) -> TaskResult:
+        """Parse and tokenize every record of ``blocks``; stop at the first invalid one unless skipping them."""
+        texts: list[str] = []
+        records = documents_read = empty_skipped = invalid_skipped = 0
+        for block in blocks:
+            for record in block.records():
+                records += 1
+                if record.kind == "invalid":
+                    # A .json file that could not be parsed: a skipped file, not a document read.
+                    if not self.skip_invalid:
+                        return self._failed(record.payload)
+                    invalid_skipped += 1
+                    continue
+                documents_read += 1
+                try:
+                    text = extract_text(record, self.json_keys)
+                except InvalidRecordError as error:
+                    if not self.skip_invalid:
+                        return self._failed(str(error))
+                    invalid_skipped += 1
+                    continue
+                if not text or text.isspace():
+                    empty_skipped += 1
+                    continue
+                texts.append(text)
+
+        ids, sizes = self.tokenizer.encode_batch_flat(texts)
+        if self.eos is not None:
+            # Insert one EOS id at the end of each document: np.cumsum(sizes) are the end positions.
+            ids = np.insert(ids, np.cumsum(sizes), self.eos)
+            sizes = sizes + 1
+        # The cast cannot overflow: the dtype was chosen to hold every id of the vocabulary.
+        return TaskResult(
+            token_bytes=ids.astype(self.dtype, copy=False).tobytes(),
+            sizes=sizes.astype(np.int32),
+            records=records,
+            documents_read=documents_read,
+            empty_skipped=empty_skipped,
+            invalid_skipped=invalid_skipped,
+            error=None,
+        )
+
+    @staticmethod
+    def _failed(message: str) -> TaskResult:
+        return TaskResult(b"", np.zeros(0, dtype=np.int32), 0, 0, 0, 0, message)
 
 
-_process_encoder: Optional[_Encoder] = None
+_worker_encoder: Optional[TaskEncoder] = None
 
 
-def _init_worker(tokenizer_path: str, json_keys: Sequence[str], append_eos: bool) -> None:
-    global _process_encoder
-    _process_encoder = _Encoder(load_tokenizer(tokenizer_path), json_keys, append_eos)
+def _init_worker(encoder: Optional[TaskEncoder], tokenizer_path: str, json_keys: Sequence[str], append_eos: bool,
+                 skip_invalid: bool) -> None:
+    # A forked worker inherits the parent's encoder, loaded tokenizer included. A spawned one gets
+    # None, because a loaded tokenizer cannot be pickled, and loads the tokenizer again.
+    global _worker_encoder
+    if encoder is None:
+        encoder = TaskEncoder(load_tokenizer(tokenizer_path), json_keys, append_eos, skip_invalid)
+    _worker_encoder = encoder
 
 
-def _encode_in_worker(records: list[RawRecord]) -> list[tuple[int, object]]:
-    return _process_encoder.encode_batch(records)
+def _encode_in_worker(blocks: list[RecordBlock]) -> TaskResult:
+    return _worker_encoder.encode_task(blocks)
 
 
-def _batches(records: Iterator[RawRecord]) -> Iterator[list[RawRecord]]:
-    batch, size = [], 0
-    for record in records:
-        batch.append(record)
-        size += len(record.payload) if isinstance(record.payload, (bytes, str)) else 256
-        if len(batch) >= BATCH_RECORDS or size >= BATCH_BYTES:
-            yield batch
-            batch, size = [], 0
-    if batch:
-        yield batch
+def _tasks(blocks: Iterator[RecordBlock]) -> Iterator[list[RecordBlock]]:
+    task, size = [], 0
+    for block in blocks:
+        task.append(block)
+        size += len(block.payload) if isinstance(block.payload, bytes) else TASK_BYTES
+        if size >= TASK_BYTES:
+            yield task
+            task, size = [], 0
+    if task:
+        yield task
 
 
-def _ordered_results(batches: Iterator[list[RawRecord]], encoder: _Encoder, tokenizer_path: str, workers: int):
-    """Yield each batch with its results, in order, keeping at most ``2 * workers`` batches in flight."""
+def _worker_start_method() -> str:
+    # fork hands every worker the tokenizer that the parent already loaded, at no cost, where spawn
+    # starts a fresh interpreter that imports fleetlm and loads the tokenizer again (Qwen's 151,643
+    # ranks alone take about 0.2 s). The workers start no thread pool (Tokenizer.encode_batch_flat
+    # keeps to the calling thread), so the threads that fork leaves behind are never needed.
+    # NOTE: fork copies only the calling thread. A lock that another thread of the caller holds at
+    # that moment, such as a tokenizer cache lock while that thread encodes, stays held in the workers.
+    return "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+
+
+def _ordered_results(tasks: Iterator[list[RecordBlock]], encoder: TaskEncoder, tokenizer_path: str,
+                     workers: int) -> Iterator[TaskResult]:
+    """Yield the result of each task, in order, keeping at most ``2 * workers`` tasks in flight."""
     if workers == 1:
-        for batch in batches:
-            yield batch, encoder.encode_batch(batch)
+        for task in tasks:
+            yield encoder.encode_task(task)
         return
-    # spawn, not fork: the parent may hold tokenizer thread pools and the tqdm monitor thread.
-    context = multiprocessing.get_context("spawn")
-    with context.Pool(workers, initializer=_init_worker, initargs=(tokenizer_path, encoder.json_keys,
-                                                                   encoder.eos is not None)) as pool:
+    method = _worker_start_method()
+    initargs = (encoder if method == "fork" else None, tokenizer_path, encoder.json_keys, encoder.append_eos,
+                encoder.skip_invalid)
+    pool = multiprocessing.get_context(method).Pool(workers, initializer=_init_worker, initargs=initargs)
+    finished = False
+    try:
         pending = collections.deque()
-        for batch in batches:
-            pending.append((batch, pool.apply_async(_encode_in_worker, (batch,))))
+        for task in tasks:
+            pending.append(pool.apply_async(_encode_in_worker, (task,)))
             if len(pending) >= 2 * workers:
-                done_batch, result = pending.popleft()
-                yield done_batch, result.get()
+                yield pending.popleft().get()
         while pending:
-            done_batch, result = pending.popleft()
-            yield done_batch, result.get()
+            yield pending.popleft().get()
+        finished = True
+    finally:
+        # close lets the workers exit on their own; terminate stops them after an error or an interrupt.
+        if finished:
+            pool.close()
+        else:
+            pool.terminate()
+        pool.join()
 
 
 def tokenize_corpus(
@@ -155,22 +219,24 @@ def tokenize_corpus(
     files = list_input_files(input_path)
     if not files:
         raise DataError(f"no .jsonl, .json or .txt files under {input_path!r}; check --input_path")
-    encoder = _Encoder(tokenizer, json_keys, append_eos)
+    encoder = TaskEncoder(tokenizer, json_keys, append_eos, skip_invalid)
     logger.info("tokenizing %d files under %s with %s (vocab %d, %s tokens), %d workers",
                 len(files), input_path, tokenizer.name, tokenizer.vocab_size, encoder.dtype.name, workers)
 
     stats = PreprocessStats()
     writer = IndexedDatasetWriter(output_prefix, encoder.dtype)
     with writer, tqdm(unit="docs", desc="tokenizing", disable=None) as progress:
-        records = iter_raw_records(files, skip_invalid=skip_invalid)
-        for batch, results in _ordered_results(_batches(records), encoder, tokenizer_path, workers):
-            for record, (num_tokens, payload) in zip(batch, results):
-                _add_result(writer, stats, record, num_tokens, payload, skip_invalid)
-            progress.update(len(batch))
+        tasks = _tasks(iter_record_blocks(files, skip_invalid=skip_invalid))
+        for result in _ordered_results(tasks, encoder, tokenizer_path, workers):
+            if result.error is not None:
+                raise InvalidRecordError(result.error)
+            _add_result(writer, stats, result)
+            progress.update(result.records)
             elapsed = max(time.perf_counter() - start, 1e-9)
             progress.set_postfix_str(f"{stats.tokens_written / elapsed:,.0f} tokens/s", refresh=False)
             # Without a terminal the bar is hidden, so progress goes to the log every log_interval documents.
-            crossed_interval = stats.documents_read // log_interval > (stats.documents_read - len(batch)) // log_interval
+            documents_before = stats.documents_read - result.documents_read
+            crossed_interval = stats.documents_read // log_interval > documents_before // log_interval
             if progress.disable and crossed_interval:
                 logger.info("%d documents, %d tokens, %.0f documents/s, %.0f tokens/s", stats.documents_read,
                             stats.tokens_written, stats.documents_read / elapsed, stats.tokens_written / elapsed)
@@ -185,19 +251,14 @@ def tokenize_corpus(
     return stats
 
 
-def _add_result(writer: IndexedDatasetWriter, stats: PreprocessStats, record: RawRecord, num_tokens: int,
-                payload: object, skip_invalid: bool) -> None:
-    if record.kind == "invalid":
-        stats.invalid_skipped += 1
-        return
-    stats.documents_read += 1
-    if num_tokens == _INVALID:
-        if not skip_invalid:
-            raise InvalidRecordError(payload)
-        stats.invalid_skipped += 1
-    elif num_tokens == _EMPTY:
-        stats.empty_skipped += 1
-    else:
-        writer.add_document_bytes(payload, num_tokens)
-        stats.documents_written += 1
-        stats.tokens_written += num_tokens
+def _add_result(writer: IndexedDatasetWriter, stats: PreprocessStats, result: TaskResult) -> None:
+    num_documents = len(result.sizes)
+    if num_documents:
+        # Every document is one sequence, so the document index is 0, 1, ..., num_documents.
+        document_index = np.arange(num_documents + 1, dtype=np.int64)
+        writer.add_sequences(result.sizes, document_index, [result.token_bytes])
+    stats.documents_read += result.documents_read
+    stats.empty_skipped += result.empty_skipped
+    stats.invalid_skipped += result.invalid_skipped
+    stats.documents_written += num_documents
+    stats.tokens_written += int(result.sizes.sum(dtype=np.int64))

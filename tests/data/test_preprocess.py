@@ -265,3 +265,94 @@ def test_cli_unknown_tokenizer(tmp_path):
                       "--input_path", POETRY_DIR, "--output_prefix", str(tmp_path / "out"))
     assert result.returncode == 1
     assert "tokenizer not found: 'no-such-model'" in result.stderr
+
+
+def read_outputs(prefix: str) -> tuple[bytes, bytes]:
+    with open(prefix + ".bin", "rb") as bin_file, open(prefix + ".idx", "rb") as idx_file:
+        return bin_file.read(), idx_file.read()
+
+
+def test_block_and_task_size_do_not_change_output(tmp_path, monkeypatch):
+    # Tiny reads cut the .jsonl and .json files into many blocks and tasks; a reference run keeps the defaults.
+    from fleetlm.data import corpus, preprocess
+
+    lines = [json.dumps({"text": "\u6625" * (i % 7) + f" line {i} " * (i % 50)}, ensure_ascii=False) for i in range(400)]
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jsonl").write_text("\n".join(lines), encoding="utf-8")
+    (tmp_path / "in" / "b.json").write_text(json.dumps([{"text": f"element {i}"} for i in range(50)]), encoding="utf-8")
+    reference = str(tmp_path / "reference")
+    tokenize_corpus(str(tmp_path / "in"), TOKENIZERS["gpt2"], reference, append_eos=True)
+
+    monkeypatch.setattr(corpus, "JSONL_BLOCK_BYTES", 100)
+    monkeypatch.setattr(corpus, "JSON_BLOCK_ELEMENTS", 3)
+    monkeypatch.setattr(preprocess, "TASK_BYTES", 500)
+    for workers in (1, 3):
+        prefix = str(tmp_path / f"small_blocks_{workers}")
+        stats = tokenize_corpus(str(tmp_path / "in"), TOKENIZERS["gpt2"], prefix, append_eos=True, workers=workers)
+        # Lines 0 and 350 have empty text.
+        assert (stats.documents_read, stats.empty_skipped, stats.documents_written) == (450, 2, 448)
+        assert read_outputs(prefix) == read_outputs(reference)
+
+
+def test_error_in_later_block_located(tmp_path, monkeypatch):
+    from fleetlm.data import corpus
+
+    monkeypatch.setattr(corpus, "JSONL_BLOCK_BYTES", 64)
+    good = b'{"text": "fine"}'
+    path = write_jsonl(tmp_path / "bad.jsonl", [good] * 20 + [b'{"text": "x",}'])
+    for workers in (1, 2):
+        with pytest.raises(DataError) as error:
+            tokenize_corpus(path, TOKENIZERS["gpt2"], str(tmp_path / "out"), workers=workers)
+        # The bad line starts at 20 * 17 bytes; json reports the error at the closing brace, 13 bytes in.
+        assert f"bad.jsonl, line 21, byte offset {20 * 17 + 13}" in str(error.value)
+    assert_no_output(str(tmp_path / "out"))
+
+
+def test_first_error_in_file_order_for_any_workers(tmp_path):
+    # a.jsonl has an invalid line; b.json cannot be parsed at all and is read later. Every worker
+    # count reports the error of a.jsonl, the first in file order.
+    write_jsonl(tmp_path / "a.jsonl", [b'{"text": "a"}'] * 3000 + [b"not json"])
+    (tmp_path / "b.json").write_text('[{"text": "b"},', encoding="utf-8")
+    for workers in (1, 2, 4):
+        with pytest.raises(DataError, match=r"a\.jsonl, line 3001"):
+            tokenize_corpus(str(tmp_path), TOKENIZERS["gpt2"], str(tmp_path / "out"), workers=workers)
+
+
+def test_skip_invalid_counts_same_for_any_workers(tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", [b'{"text": "a"}', b"not json", b'{"x": 1}', b""] * 500)
+    (tmp_path / "b.json").write_text('[{"text": "b"},', encoding="utf-8")
+    counts = []
+    for workers in (1, 2):
+        stats = tokenize_corpus(str(tmp_path), TOKENIZERS["gpt2"], str(tmp_path / f"out{workers}"),
+                                skip_invalid=True, workers=workers)
+        counts.append((stats.documents_read, stats.empty_skipped, stats.invalid_skipped, stats.documents_written))
+    # 1,000 invalid lines and the unparsable b.json, which counts as one invalid record but no document read.
+    assert counts[0] == counts[1] == (2000, 500, 1001, 500)
+
+
+def test_one_worker_runs_without_pool(tmp_path, monkeypatch):
+    from fleetlm.data import preprocess
+
+    def no_pool(*args, **kwargs):
+        raise AssertionError("workers=1 must not start processes")
+
+    monkeypatch.setattr(preprocess.multiprocessing, "get_context", no_pool)
+    stats = tokenize_corpus(POETRY_DIR, TOKENIZERS["gpt2"], str(tmp_path / "out"), json_keys=["paragraphs"])
+    assert stats.documents_written == 1020
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="workers fork only where the platform has fork")
+def test_forked_workers_reuse_parent_tokenizer(tmp_path, monkeypatch):
+    from fleetlm.data import preprocess
+
+    calls = tmp_path / "calls.txt"
+
+    def counting_load(path):
+        with open(calls, "a") as handle:
+            handle.write(f"{os.getpid()}\n")
+        return load_tokenizer(path)
+
+    monkeypatch.setattr(preprocess, "load_tokenizer", counting_load)
+    tokenize_corpus(POETRY_DIR, TOKENIZERS["qwen"], str(tmp_path / "out"), json_keys=["paragraphs"], workers=2)
+    # Only the main process loaded the tokenizer; the two workers inherited it.
+    assert calls.read_text().split() == [str(os.getpid())]

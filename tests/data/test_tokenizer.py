@@ -87,3 +87,30 @@ def test_encode_array_matches_encode(name):
     tokenizer = load_tokenizer(TOKENIZERS[name])
     text = "To be, or not to be <|endoftext|> 春眠不觉晓，处处闻啼鸟。\n\n  end"
     assert tokenizer.encode_array(text).tolist() == tokenizer.encode(text)
+
+
+@pytest.mark.parametrize("name", sorted(TOKENIZERS))
+def test_encode_batch_flat_matches_encode(name):
+    tokenizer = load_tokenizer(TOKENIZERS[name])
+    texts = ["To be, or not to be", "", "春眠不觉晓，处处闻啼鸟。<|endoftext|>", " \n\n  end " * 40]
+    ids, lengths = tokenizer.encode_batch_flat(texts)
+    expected = [tokenizer.encode(text) for text in texts]
+    assert lengths.tolist() == [len(item) for item in expected]
+    assert ids.tolist() == [token for item in expected for token in item]
+
+
+@pytest.mark.parametrize("name", sorted(TOKENIZERS))
+def test_encode_batch_flat_empty_batch(name):
+    ids, lengths = load_tokenizer(TOKENIZERS[name]).encode_batch_flat([])
+    assert len(ids) == 0
+    assert len(lengths) == 0
+
+
+@pytest.mark.parametrize("previous", [None, "true"])
+def test_hf_batch_restores_parallelism_setting(monkeypatch, previous):
+    if previous is None:
+        monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
+    else:
+        monkeypatch.setenv("TOKENIZERS_PARALLELISM", previous)
+    load_tokenizer(TOKENIZERS["chatglm3"]).encode_batch_flat(["one text", "another text"])
+    assert os.environ.get("TOKENIZERS_PARALLELISM") == previous

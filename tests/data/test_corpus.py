@@ -1,0 +1,111 @@
+"""fleetlm.data.corpus: cutting files into record blocks keeps every record, line number and byte offset."""
+
+import gzip
+import io
+import json
+
+import pytest
+
+from fleetlm.data import corpus
+from fleetlm.data.corpus import InvalidRecordError, iter_raw_records, iter_record_blocks
+
+
+def records_by_readline(path: str, data: bytes) -> list[tuple]:
+    """Cut ``data`` into (path, line, byte offset, payload) with readline, the reference for the block reader."""
+    expected, offset = [], 0
+    for number, line in enumerate(io.BytesIO(data), start=1):
+        payload = line[3:] if number == 1 and line.startswith(b"\xef\xbb\xbf") else line
+        expected.append((path, number, offset + len(line) - len(payload), payload))
+        offset += len(line)
+    return expected
+
+
+def jsonl_body(trailing_newline: bool, bom: bool) -> bytes:
+    lines = [json.dumps({"text": "x" * (i * 37 % 300) + "\u6625"}, ensure_ascii=i % 2 == 0).encode() for i in range(60)]
+    # A blank line, a whitespace line and a line longer than several blocks.
+    lines[10], lines[11], lines[12] = b"", b"  \r", json.dumps({"text": "long " * 200}).encode()
+    body = b"\n".join(lines) + (b"\n" if trailing_newline else b"")
+    return (b"\xef\xbb\xbf" if bom else b"") + body
+
+
+@pytest.mark.parametrize("block_bytes", [1, 7, 64, 1 << 20])
+@pytest.mark.parametrize("trailing_newline, bom", [(True, False), (False, True)])
+def test_jsonl_blocks_match_readline(tmp_path, monkeypatch, block_bytes, trailing_newline, bom):
+    monkeypatch.setattr(corpus, "JSONL_BLOCK_BYTES", block_bytes)
+    data = jsonl_body(trailing_newline, bom)
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(data)
+
+    blocks = list(iter_record_blocks([str(path)]))
+    records = [(r.path, r.line, r.offset, r.payload) for block in blocks for r in block.records()]
+
+    assert records == records_by_readline(str(path), data)
+    assert b"".join(block.payload for block in blocks) == data
+    if block_bytes == 1 << 20:
+        # One read covers the whole file; a last line without a line break comes as a block of its own.
+        assert len(blocks) == (1 if trailing_newline else 2)
+
+
+def test_gzip_blocks_count_decompressed_offsets(tmp_path, monkeypatch):
+    monkeypatch.setattr(corpus, "JSONL_BLOCK_BYTES", 50)
+    data = jsonl_body(trailing_newline=True, bom=False)
+    path = tmp_path / "in.jsonl.gz"
+    path.write_bytes(gzip.compress(data))
+
+    records = [(r.path, r.line, r.offset, r.payload) for r in iter_raw_records([str(path)])]
+
+    assert records == records_by_readline(str(path), data)
+
+
+def test_truncated_gzip_names_offset(tmp_path, monkeypatch):
+    monkeypatch.setattr(corpus, "JSONL_BLOCK_BYTES", 1000)
+    data = jsonl_body(trailing_newline=True, bom=False) * 20
+    path = tmp_path / "cut.jsonl.gz"
+    path.write_bytes(gzip.compress(data)[:-200])
+
+    with pytest.raises(corpus.DataError, match=r"cannot read .*cut\.jsonl\.gz.* after byte offset \d+"):
+        list(iter_record_blocks([str(path)]))
+
+
+def test_json_array_blocks_number_elements(tmp_path, monkeypatch):
+    monkeypatch.setattr(corpus, "JSON_BLOCK_ELEMENTS", 4)
+    (tmp_path / "a.json").write_text(json.dumps([{"text": str(i)} for i in range(10)]), encoding="utf-8")
+
+    blocks = list(iter_record_blocks([str(tmp_path / "a.json")]))
+    records = [record for block in blocks for record in block.records()]
+
+    assert [block.first_line for block in blocks] == [1, 5, 9]
+    assert [record.line for record in records] == list(range(1, 11))
+    assert [record.payload["text"] for record in records] == [str(i) for i in range(10)]
+
+
+def test_invalid_json_file_becomes_block(tmp_path):
+    (tmp_path / "bad.json").write_text('[{"text": "a"},', encoding="utf-8")
+    path = str(tmp_path / "bad.json")
+
+    blocks = list(iter_record_blocks([path]))
+
+    assert [block.kind for block in blocks] == ["invalid"]
+    assert "invalid JSON in" in blocks[0].payload
+    with pytest.raises(InvalidRecordError, match="invalid JSON in"):
+        list(iter_raw_records([path]))
+    assert [record.kind for record in iter_raw_records([path], skip_invalid=True)] == ["invalid"]
+
+
+def test_zstd_frames_and_truncation(tmp_path):
+    import zstandard
+
+    text = "".join(json.dumps({"text": f"line {i}"}) + "\n" for i in range(5000)).encode()
+    frame = zstandard.ZstdCompressor().compress(text)
+    whole = tmp_path / "two_frames.jsonl.zst"
+    whole.write_bytes(frame + frame)
+    with corpus.open_binary(str(whole)) as handle:
+        assert handle.read() == text + text
+
+    cut = tmp_path / "cut.jsonl.zst"
+    cut.write_bytes(frame[: len(frame) // 2])
+    with pytest.raises(EOFError, match="truncated"):
+        with corpus.open_binary(str(cut)) as handle:
+            handle.read()
+    with pytest.raises(corpus.DataError, match="check that the file is complete"):
+        list(iter_raw_records([str(cut)]))
