@@ -1,5 +1,10 @@
 """LLaMA and LLaMA-2 (Touvron et al., 2023): pre-norm decoder with RMSNorm, rotary, SwiGLU, GQA.
 
+The LLaMA-like families are config switches on this file (see fleetlm.models.registry).
+Baichuan-7B is LLaMA, and Baichuan-13B replaces rotary by ALiBi. Baichuan2 adds NormHead, an output
+layer whose per-token weight vectors are L2-normalised. Qwen v1 adds a bias to the q/k/v projections.
+ChatGLM2 has that bias too, two key/value groups, and interleaved rotary on half of each head.
+
 Parameter names match PaddleNLP's LlamaForCausalLM one to one (``llama.layers.0.self_attn.q_proj.weight``)
 and Hugging Face's after replacing the ``llama.`` prefix by ``model.``; Paddle stores Linear weights as
 [in_features, out_features], the transpose of Hugging Face's layout (see fleetlm.models.weights).
@@ -14,7 +19,7 @@ import paddle.nn.functional as F
 from paddle.distributed.fleet.utils import recompute
 
 from fleetlm.models.config import ModelConfig
-from fleetlm.models.layers import RMSNorm, RotaryEmbedding, SelfAttention, SwiGLUMLP
+from fleetlm.models.layers import RotaryEmbedding, SelfAttention, build_mlp, build_norm
 
 
 class LlamaDecoderLayer(nn.Layer):
@@ -22,18 +27,27 @@ class LlamaDecoderLayer(nn.Layer):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.use_fused_rms_norm)
+        self.input_layernorm = build_norm(config)
+        alibi = config.position_embedding_type == "alibi"
+        rotary = None
+        if not alibi:
+            rotary = RotaryEmbedding(
+                config.head_dim, config.rope_theta, config.use_fused_rope, config.rotary_dim, config.rope_interleaved
+            )
         self.self_attn = SelfAttention(
             config.hidden_size,
             config.num_attention_heads,
             config.num_key_value_heads,
             config.head_dim,
-            RotaryEmbedding(config.head_dim, config.rope_theta, config.use_fused_rope),
+            rotary,
+            bias=config.attention_bias,
             use_flash_attention=config.use_flash_attention,
             attention_dropout=config.attention_probs_dropout_prob,
+            out_bias=config.attention_out_bias,
+            alibi=alibi,
         )
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.use_fused_rms_norm)
-        self.mlp = SwiGLUMLP(config.hidden_size, config.intermediate_size)
+        self.post_attention_layernorm = build_norm(config)
+        self.mlp = build_mlp(config)
         self.dropout = config.hidden_dropout_prob
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
@@ -51,7 +65,7 @@ class LlamaModel(nn.Layer):
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.LayerList([LlamaDecoderLayer(config) for _ in range(config.num_hidden_layers)])
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.use_fused_rms_norm)
+        self.norm = build_norm(config)
 
     def forward(self, input_ids: paddle.Tensor) -> paddle.Tensor:
         x = self.embed_tokens(input_ids)  # [b, s, hidden_size]
@@ -64,6 +78,17 @@ class LlamaModel(nn.Layer):
         return self.norm(x)
 
 
+class NormHead(nn.Linear):
+    """Baichuan2's output layer: logits = hidden @ W with each vocabulary entry's weight vector L2-normalised.
+
+    The vectors are the columns of Paddle's [hidden, vocab] weight, normalised again at every call so
+    that the gradient flows through the normalisation. A column-parallel split keeps columns whole.
+    """
+
+    def forward(self, hidden: paddle.Tensor) -> paddle.Tensor:
+        return paddle.matmul(hidden, F.normalize(self.weight, axis=0))  # [b, s, vocab_size]
+
+
 class LlamaForCausalLM(nn.Layer):
     """LlamaModel plus the output layer; ``forward(input_ids, labels)`` returns the mean token loss."""
 
@@ -74,7 +99,8 @@ class LlamaForCausalLM(nn.Layer):
         if config.tie_word_embeddings:
             self.lm_head = None
         else:
-            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias_attr=False)
+            head_class = NormHead if config.norm_head else nn.Linear
+            self.lm_head = head_class(config.hidden_size, config.vocab_size, bias_attr=False)
         init_weights(self, config.initializer_range)
 
     def logits(self, input_ids: paddle.Tensor) -> paddle.Tensor:

@@ -1,0 +1,192 @@
+"""Parameter count and per-card memory of a run, from its argument file, without allocating the model.
+
+Usage: ``python -m fleetlm.dry_run CONFIG.json [--world_size N] [--key value ...]``
+
+The model is built under ``paddle.LazyGuard`` (shapes only, no parameter memory), and each
+parameter is assigned to the cards that hold it:
+
+* tensor parallelism (tensor_parallel_degree t) splits the q/k/v, gate and up projections by
+  output features, the o and down projections by input features (their biases stay whole), and
+  the token embedding and output layer by vocabulary. Norms and other biases are replicated;
+* pipeline parallelism (p stages) gives each stage num_hidden_layers / p blocks. The first stage
+  also holds the embeddings and the last the final norm and output layer. The largest stage is reported;
+* sharding over s ranks divides the optimizer state (stage1), plus the gradients (stage2), plus
+  the parameters (stage3) by s.
+
+Bytes per parameter: fp32 training keeps 4 (parameter) + 4 (gradient) + 8 (AdamW moments);
+bf16/fp16 keeps 2 + 2 + 12 (fp32 master weight and moments), as in Paddle's O2 mixed precision.
+Activations, temporary buffers and communication buffers are not included.
+"""
+
+import math
+import sys
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+from fleetlm.arguments import Arguments, ConfigError, parse_arguments
+from fleetlm.models.config import ModelConfig, load_model_config
+
+# Submodule names whose Linear layers tensor parallelism splits (see fleetlm.parallel.plan).
+_COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+_ROW_PARALLEL = ("o_proj", "down_proj")
+
+
+@dataclass
+class MemoryEstimate:
+    """Parameter counts and per-card bytes of the largest pipeline stage.
+
+    ``card_parameters`` counts the parameters of one tensor-parallel rank of that stage before
+    sharding; the byte figures are after sharding.
+    """
+
+    total_parameters: int
+    card_parameters: int
+    parameter_bytes: float
+    gradient_bytes: float
+    optimizer_bytes: float
+
+    @property
+    def total_bytes(self) -> float:
+        return self.parameter_bytes + self.gradient_bytes + self.optimizer_bytes
+
+
+def parameter_shapes(config: ModelConfig) -> List[Tuple[str, List[int]]]:
+    """(name, shape) of every parameter of the model ``config`` names, built without memory."""
+    import paddle
+
+    from fleetlm.models import build_model
+
+    with paddle.LazyGuard():
+        model = build_model(config)
+    return [(name, list(p.shape)) for name, p in model.named_parameters()]
+
+
+def _tensor_parallel_share(name: str, tp: int) -> float:
+    """Fraction of the parameter ``name`` that one tensor-parallel rank holds."""
+    parts = name.split(".")
+    module, kind = parts[-2], parts[-1]
+    if module in _COLUMN_PARALLEL:
+        return 1.0 / tp
+    if module in _ROW_PARALLEL:
+        return 1.0 / tp if kind == "weight" else 1.0
+    if module in ("embed_tokens", "lm_head"):
+        return 1.0 / tp
+    return 1.0
+
+
+def _pipeline_stage(name: str, num_layers: int, pp: int) -> List[int]:
+    """Pipeline stages that hold parameter ``name`` (blocks split evenly, embeddings first, head last)."""
+    parts = name.split(".")
+    if "layers" in parts:
+        index = int(parts[parts.index("layers") + 1])
+        return [min(index * pp // num_layers, pp - 1)]
+    if parts[-2] in ("embed_tokens", "embed_positions", "embed_layernorm", "project_in"):
+        return [0]
+    return [pp - 1]
+
+
+def estimate_memory(config: ModelConfig, tp: int, pp: int, sharding_stage: int, sharding_degree: int,
+                    low_precision: bool) -> MemoryEstimate:
+    """Per-card parameter, gradient and optimizer bytes of the largest pipeline stage."""
+    shapes = parameter_shapes(config)
+    total = sum(math.prod(shape) for _, shape in shapes)
+    per_stage = [0.0] * pp
+    for name, shape in shapes:
+        share = math.prod(shape) * _tensor_parallel_share(name, tp)
+        for stage in _pipeline_stage(name, config.num_hidden_layers, pp):
+            per_stage[stage] += share
+    if config.tie_word_embeddings and pp > 1:
+        # The last stage keeps its own copy of the tied embedding for the output layer.
+        vocab_share = config.vocab_size * (config.word_embed_proj_dim or config.hidden_size) / tp
+        per_stage[-1] += vocab_share
+    card = max(per_stage)
+
+    param_bytes, grad_bytes, optimizer_bytes = (2, 2, 12) if low_precision else (4, 4, 8)
+    shard = float(max(sharding_degree, 1))
+    return MemoryEstimate(
+        total_parameters=total,
+        card_parameters=int(card),
+        parameter_bytes=card * param_bytes / (shard if sharding_stage >= 3 else 1.0),
+        gradient_bytes=card * grad_bytes / (shard if sharding_stage >= 2 else 1.0),
+        optimizer_bytes=card * optimizer_bytes / (shard if sharding_stage >= 1 else 1.0),
+    )
+
+
+def layout_degrees(args: Arguments, world_size: Optional[int]) -> Tuple[int, int, int, int, int]:
+    """(world size, tp, pp, sharding stage, sharding degree) of the run; reject degrees that do not divide."""
+    t = args.training
+    tp, pp = t.tensor_parallel_degree, t.pipeline_parallel_degree
+    stage = int(t.sharding[-1]) if t.sharding else 0
+    sharding = max(t.sharding_parallel_degree, 1) if stage else 1
+    if world_size is None:
+        world_size = tp * pp * sharding
+    if world_size % (tp * pp):
+        raise ConfigError(f"world size {world_size} is not divisible by tensor_parallel_degree {tp} x "
+                          f"pipeline_parallel_degree {pp}.")
+    dp = world_size // (tp * pp)
+    if stage and t.sharding_parallel_degree == -1:
+        sharding = dp
+    if stage and dp % sharding:
+        raise ConfigError(f"sharding_parallel_degree {sharding} does not divide the data-parallel degree {dp}.")
+    return world_size, tp, pp, stage, sharding
+
+
+def check_divisibility(config: ModelConfig, tp: int, pp: int) -> None:
+    """Reject an architecture that the tensor- and pipeline-parallel degrees cannot split evenly."""
+    checks = {
+        "num_attention_heads": config.num_attention_heads,
+        "num_key_value_heads": config.num_key_value_heads,
+        "intermediate_size": config.intermediate_size,
+        "vocab_size": config.vocab_size,
+    }
+    for key, value in checks.items():
+        if value % tp:
+            raise ConfigError(f"{key}={value} is not divisible by tensor_parallel_degree={tp}.")
+    if config.num_hidden_layers % pp:
+        raise ConfigError(
+            f"num_hidden_layers={config.num_hidden_layers} is not divisible by pipeline_parallel_degree={pp}."
+        )
+
+
+def describe_run(args: Arguments, world_size: Optional[int] = None) -> str:
+    """Return the dry-run report of a parsed argument set (what ``run_pretrain.py --dry_run`` would print)."""
+    config = load_model_config(args.model)
+    world_size, tp, pp, stage, sharding = layout_degrees(args, world_size)
+    check_divisibility(config, tp, pp)
+    low_precision = args.training.bf16 or args.training.fp16
+    estimate = estimate_memory(config, tp, pp, stage, sharding, low_precision)
+    gib = 2.0**30
+    lines = [
+        f"model: {args.model.model_name_or_path} ({config.model_type}), {estimate.total_parameters / 1e9:.3f}B parameters",
+        f"layout: {world_size} cards = tp {tp} x pp {pp} x dp {world_size // (tp * pp)}; "
+        f"sharding {'stage' + str(stage) if stage else 'off'} over {sharding} ranks; "
+        f"{'bf16/fp16 (O2)' if low_precision else 'fp32'}",
+        f"per card, largest pipeline stage: {estimate.card_parameters / 1e9:.3f}B parameters before sharding",
+        f"  parameters  {estimate.parameter_bytes / gib:8.2f} GiB",
+        f"  gradients   {estimate.gradient_bytes / gib:8.2f} GiB",
+        f"  optimizer   {estimate.optimizer_bytes / gib:8.2f} GiB",
+        f"  total       {estimate.total_bytes / gib:8.2f} GiB (activations not included)",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0
+    world_size = None
+    if "--world_size" in argv:
+        index = argv.index("--world_size")
+        world_size = int(argv[index + 1])
+        del argv[index:index + 2]
+    try:
+        print(describe_run(parse_arguments(argv), world_size))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
