@@ -1,4 +1,4 @@
-"""Checks of a whole run before any worker does real work: layout, batch, model, options not built yet.
+"""Checks of a whole run before any worker does real work: layout, batch, model, parallel options.
 
 ``plan_run`` is a pure function of the parsed arguments and the world size, so every rank reaches
 the same verdict without communicating; rank 0 prints it and all ranks exit non-zero.
@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from fleetlm.arguments import Arguments, ConfigError
 from fleetlm.models.config import ModelConfig, load_model_config
+from fleetlm.parallel.plan import plan_for
 from fleetlm.parallel.topology import Layout, resolve_layout
 from fleetlm.trainer.checkpoint import list_checkpoints
 from fleetlm.trainer.trainer import BatchPlan
@@ -26,52 +27,91 @@ class RunPlan:
     batch: BatchPlan
 
 
-def _reject_unbuilt_parallel_options(args: Arguments) -> None:
-    """Options whose implementation is not in this version: accepted only at their single-process values."""
+def _check_parallel_options(args: Arguments, layout: Layout, model_config: ModelConfig, accumulation: int) -> None:
+    """Reject a layout that the model, the pipeline schedule or Paddle's engine cannot run."""
     t, m = args.training, args.model
-    unbuilt = {
-        "tensor_parallel_degree": (t.tensor_parallel_degree, 1),
-        "pipeline_parallel_degree": (t.pipeline_parallel_degree, 1),
-        "virtual_pp_degree": (m.virtual_pp_degree, 1),
-        "sharding": (t.sharding, ""),
-        "sequence_parallel": (t.sequence_parallel, False),
-        "pipeline_parallel_config": (t.pipeline_parallel_config, ""),
-        "tensor_parallel_config": (t.tensor_parallel_config, ""),
-        "sharding_parallel_config": (t.sharding_parallel_config, ""),
-        "no_recompute_layers": (t.no_recompute_layers, None),
-    }
-    for key, (value, supported) in unbuilt.items():
-        if value != supported:
+    tp, pp, vpp = layout.tp_degree, layout.pp_degree, m.virtual_pp_degree
+
+    plan = plan_for(model_config.model_type)
+    if not plan.plain_backbone:
+        for key, value, off in (("pipeline_parallel_degree", pp, 1), ("sequence_parallel", t.sequence_parallel, False)):
+            if value != off:
+                raise ConfigError(
+                    f"{key}={value} is not available for model_type '{model_config.model_type}': its backbone adds "
+                    "position embeddings or position ids around the blocks, which pipeline stages and the "
+                    "sequence-parallel split do not reproduce. Use tensor, data or sharding parallelism."
+                )
+    if t.sharding_parallel_degree > 1 and not t.sharding:
+        raise ConfigError(
+            f"sharding_parallel_degree={t.sharding_parallel_degree} needs a sharding stage; set --sharding stage1, "
+            "stage2 or stage3, or leave sharding_parallel_degree at -1."
+        )
+    if tp > 1:
+        for key, value in (
+            ("num_attention_heads", model_config.num_attention_heads),
+            ("num_key_value_heads", model_config.num_key_value_heads),
+            ("vocab_size", model_config.vocab_size),
+            ("intermediate_size", model_config.intermediate_size),
+        ):
+            if value % tp:
+                raise ConfigError(
+                    f"{key}={value} is not divisible by tensor_parallel_degree={tp}; each tensor-parallel rank "
+                    f"holds {key} / {tp}. Choose a degree that divides it or change {key}."
+                )
+    if t.sequence_parallel:
+        if tp == 1:
             raise ConfigError(
-                f"{key}={value!r} is not supported yet in this fleetlm version; only {supported!r} is. "
-                "Use data parallelism (launch more processes) for now."
+                "sequence_parallel=true needs tensor_parallel_degree > 1: it splits the sequence over the "
+                "tensor-parallel ranks. Set tensor_parallel_degree or turn sequence_parallel off."
             )
-    if t.sharding_parallel_degree not in (-1, 1):
+        if args.data.max_seq_length % tp:
+            raise ConfigError(
+                f"sequence_parallel: max_seq_length={args.data.max_seq_length} is not divisible by "
+                f"tensor_parallel_degree={tp}."
+            )
+    if vpp > 1 and pp < 3:
         raise ConfigError(
-            f"sharding_parallel_degree={t.sharding_parallel_degree} is not supported yet in this fleetlm version; "
-            "only -1 or 1 (no sharding) is."
+            f"virtual_pp_degree={vpp} needs pipeline_parallel_degree >= 3 (Paddle's interleaved schedule asserts "
+            f"pp_degree > 2), but pipeline_parallel_degree={pp}."
         )
-    if (t.bf16 or t.fp16) and _gpu_build():
+    if model_config.num_hidden_layers % (pp * vpp):
         raise ConfigError(
-            "bf16/fp16 mixed precision is not supported yet in this fleetlm version on GPU builds; set bf16 and "
-            "fp16 to false to train in fp32. (CPU builds accept them and train in fp32, with a warning.)"
+            f"num_hidden_layers={model_config.num_hidden_layers} is not divisible by pipeline_parallel_degree={pp} x "
+            f"virtual_pp_degree={vpp} = {pp * vpp}; every pipeline chunk must hold the same number of layers."
         )
-    if t.recompute and t.recompute_granularity != "full":
-        raise ConfigError(
-            f"recompute_granularity='{t.recompute_granularity}' is not supported yet in this fleetlm version; "
-            "only 'full' is."
-        )
-
-
-def _gpu_build() -> bool:
-    import paddle
-
-    return paddle.is_compiled_with_cuda()
+    if pp > 1:
+        # Interleaved 1F1B (Paddle 3.3.1 PipelineParallelWithInterleave) asserts >= 2 x pp micro-batches.
+        needed = 2 * pp if vpp > 1 else pp
+        schedule = "interleaved 1F1B" if vpp > 1 else "1F1B"
+        if accumulation < needed:
+            raise ConfigError(
+                f"pipeline_parallel_degree={pp}: gradient accumulation steps={accumulation} give fewer micro-batches "
+                f"than the {schedule} schedule needs ({needed}); raise gradient_accumulation_steps or "
+                "global_batch_size."
+            )
+        if (t.do_eval or t.do_predict) and t.eval_iters < needed:
+            raise ConfigError(
+                f"pipeline_parallel_degree={pp}: evaluation runs its eval_iters={t.eval_iters} batches as the "
+                f"micro-batches of one {schedule} pass, which needs at least {needed}; raise eval_iters."
+            )
+        if t.sharding in ("stage2", "stage3"):
+            raise ConfigError(
+                f"sharding={t.sharding} cannot be combined with pipeline_parallel_degree={pp}: Paddle's "
+                "group_sharded_parallel does not drive a pipeline. Use sharding stage1 with pipeline parallelism."
+            )
+    if t.recompute and t.no_recompute_layers:
+        bad = [i for i in t.no_recompute_layers if not 0 <= i < model_config.num_hidden_layers]
+        if bad:
+            raise ConfigError(
+                f"no_recompute_layers={t.no_recompute_layers} lists {bad}, outside the model's layers "
+                f"0..{model_config.num_hidden_layers - 1}."
+            )
 
 
 def _plan_batch(args: Arguments, layout: Layout) -> BatchPlan:
     t = args.training
-    micro, dp = t.per_device_train_batch_size, layout.dp_degree
+    # Sharding ranks read different samples like data-parallel ranks.
+    micro, dp = t.per_device_train_batch_size, layout.data_parallel_width
     accumulation = t.gradient_accumulation_steps
     if t.global_batch_size > 0:
         per_step = micro * dp
@@ -92,12 +132,14 @@ def _plan_batch(args: Arguments, layout: Layout) -> BatchPlan:
 
 def plan_run(args: Arguments, world_size: int) -> RunPlan:
     """Validate everything that can be checked without data or communication; raise ConfigError."""
-    _reject_unbuilt_parallel_options(args)
     layout = resolve_layout(args.training, world_size)
     batch = _plan_batch(args, layout)
     model_config = load_model_config(args.model)
-    model_config.recompute = args.training.recompute
+    # Recompute is applied from outside the model (fleetlm.parallel.recompute); the model's own
+    # full-block switch stays off so blocks are not recomputed twice.
+    model_config.recompute = False
     model_config.recompute_granularity = args.training.recompute_granularity
+    _check_parallel_options(args, layout, model_config, batch.accumulation_steps)
 
     if args.data.max_seq_length > model_config.max_position_embeddings:
         raise ConfigError(
@@ -111,9 +153,11 @@ def plan_run(args: Arguments, world_size: int) -> RunPlan:
     if args.model.continue_training and not os.path.isdir(args.model.model_name_or_path):
         raise ConfigError(
             f"continue_training=true needs weights, but model_name_or_path='{args.model.model_name_or_path}' is a "
-            "registered name (no weights are downloaded). Point it at a directory with config.json and "
-            "model_state.pdparams, or set continue_training false to start from random weights."
+            "registered name (no weights are downloaded). Point it at a directory with config.json and weights "
+            "(model.safetensors, pytorch_model.bin or model_state.pdparams, sharded with an index file or not), "
+            "or set continue_training false to start from random weights."
         )
+    _check_output_dir(t.output_dir)
     if t.do_train and t.resume_from_checkpoint is None:
         existing = list_checkpoints(t.output_dir)
         if existing:
@@ -124,6 +168,26 @@ def plan_run(args: Arguments, world_size: int) -> RunPlan:
     if args.model.tokenizer_name_or_path:
         _check_tokenizer(args.model.tokenizer_name_or_path, model_config)
     return RunPlan(model_config=model_config, layout=layout, batch=batch)
+
+
+def _check_output_dir(output_dir: str) -> None:
+    """Reject an output_dir that cannot be created or written, without creating it."""
+    if not output_dir:
+        raise ConfigError("output_dir is empty; set it to the directory for checkpoints and metrics.")
+    path = os.path.abspath(output_dir)
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            raise ConfigError(f"output_dir='{output_dir}' exists and is not a directory; choose another output_dir.")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise ConfigError(f"output_dir='{output_dir}' is not writable; fix its permissions or choose another.")
+        return
+    parent = os.path.dirname(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"output_dir='{output_dir}' cannot be created: '{parent}' is not a writable directory; choose another."
+        )
 
 
 def _check_tokenizer(path: str, model_config: ModelConfig) -> None:

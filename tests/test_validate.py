@@ -32,13 +32,38 @@ def test_global_batch_size_derives_accumulation():
          "gradient_accumulation_steps=3 contradicts global_batch_size=16"),
         (["--max_seq_length", "2048"], 1,
          "max_seq_length=2048 is longer than the model's max_position_embeddings=1024"),
-        (["--tensor_parallel_degree", "2"], 2, "tensor_parallel_degree=2 is not supported yet"),
-        (["--pipeline_parallel_degree", "2"], 2, "pipeline_parallel_degree=2 is not supported yet"),
-        (["--sharding", "stage2"], 2, "sharding='stage2' is not supported yet"),
-        (["--sequence_parallel", "true"], 1, "sequence_parallel=True is not supported yet"),
-        (["--virtual_pp_degree", "2"], 1, "virtual_pp_degree=2 is not supported yet"),
-        (["--recompute", "true", "--recompute_granularity", "core_attn"], 1,
-         "recompute_granularity='core_attn' is not supported yet"),
+        (["--tensor_parallel_degree", "2"], 3,
+         "tensor_parallel_degree=2 x pipeline_parallel_degree=1 x sharding degree=1 = 2 does not divide the 3"),
+        (["--tensor_parallel_degree", "2", "--pipeline_parallel_degree", "2"], 2,
+         "= 4 does not divide the 2 launched processes"),
+        (["--tensor_parallel_degree", "3", "--hidden_size", "96", "--num_attention_heads", "6",
+          "--num_key_value_heads", "6"], 3,
+         "vocab_size=512 is not divisible by tensor_parallel_degree=3"),
+        (["--tensor_parallel_degree", "4"], 4, "num_key_value_heads=2 is not divisible by tensor_parallel_degree=4"),
+        (["--tensor_parallel_degree", "8", "--num_key_value_heads", "8", "--num_attention_heads", "8",
+          "--intermediate_size", "100"], 8, "intermediate_size=100 is not divisible by tensor_parallel_degree=8"),
+        (["--tensor_parallel_degree", "2", "--num_attention_heads", "1", "--num_key_value_heads", "1"], 2,
+         "num_attention_heads=1 is not divisible by tensor_parallel_degree=2"),
+        (["--sequence_parallel", "true"], 1, "sequence_parallel=true needs tensor_parallel_degree > 1"),
+        (["--sequence_parallel", "true", "--tensor_parallel_degree", "2", "--max_seq_length", "33"], 2,
+         "max_seq_length=33 is not divisible by tensor_parallel_degree=2"),
+        (["--virtual_pp_degree", "2"], 1, "virtual_pp_degree=2 needs pipeline_parallel_degree >= 3"),
+        (["--virtual_pp_degree", "2", "--pipeline_parallel_degree", "2", "--gradient_accumulation_steps", "8"], 2,
+         "virtual_pp_degree=2 needs pipeline_parallel_degree >= 3 (Paddle's interleaved schedule asserts"),
+        (["--pipeline_parallel_degree", "4", "--num_hidden_layers", "6", "--gradient_accumulation_steps", "4"], 4,
+         "num_hidden_layers=6 is not divisible by pipeline_parallel_degree=4 x virtual_pp_degree=1 = 4"),
+        (["--pipeline_parallel_degree", "3", "--virtual_pp_degree", "2", "--num_hidden_layers", "12",
+          "--gradient_accumulation_steps", "4"], 3,
+         "gradient accumulation steps=4 give fewer micro-batches than the interleaved 1F1B schedule needs (6)"),
+        (["--pipeline_parallel_degree", "2"], 2,
+         "gradient accumulation steps=1 give fewer micro-batches than the 1F1B schedule needs (2)"),
+        (["--pipeline_parallel_degree", "2", "--gradient_accumulation_steps", "2", "--do_eval", "true",
+          "--eval_iters", "1"], 2, "eval_iters=1 batches as the micro-batches of one 1F1B pass, which needs at least 2"),
+        (["--pipeline_parallel_degree", "2", "--gradient_accumulation_steps", "2", "--sharding", "stage2",
+          "--sharding_parallel_degree", "2"], 4, "sharding=stage2 cannot be combined with pipeline_parallel_degree=2"),
+        (["--sharding_parallel_degree", "2"], 2, "sharding_parallel_degree=2 needs a sharding stage"),
+        (["--recompute", "true", "--no_recompute_layers", "0,5"], 1,
+         "no_recompute_layers=[0, 5] lists [5], outside the model's layers 0..1"),
         (["--model_name_or_path", "no/such-model"], 1,
          "model_name_or_path='no/such-model' is neither a registered model nor a directory"),
         (["--num_attention_heads", "3"], 1, "hidden_size=64 is not divisible by num_attention_heads=3"),
@@ -74,3 +99,41 @@ def test_model_overrides_applied():
     assert run.model_config.num_hidden_layers == 2
     assert run.model_config.num_key_value_heads == 8
     assert run.model_config.hidden_size == 8192
+
+
+@pytest.mark.parametrize(
+    "argv, world_size, degrees",
+    [
+        (["--tensor_parallel_degree", "2"], 4, (2, 2, 1, 1)),
+        (["--pipeline_parallel_degree", "2", "--gradient_accumulation_steps", "2"], 2, (1, 1, 2, 1)),
+        (["--sharding", "stage2"], 4, (1, 1, 1, 4)),
+        (["--sharding", "stage1", "--sharding_parallel_degree", "2"], 4, (2, 1, 1, 2)),
+        (["--tensor_parallel_degree", "2", "--sequence_parallel", "true", "--sharding", "stage3"], 4, (1, 2, 1, 2)),
+        (["--pipeline_parallel_degree", "4", "--virtual_pp_degree", "2", "--num_hidden_layers", "8",
+          "--gradient_accumulation_steps", "8"], 4, (1, 1, 4, 1)),
+    ],
+)
+def test_parallel_layouts_accepted(argv, world_size, degrees):
+    layout = plan(*argv, world_size=world_size).layout
+    assert (layout.dp_degree, layout.tp_degree, layout.pp_degree, layout.sharding_degree) == degrees
+
+
+def test_sharding_ranks_split_the_batch():
+    run = plan("--sharding", "stage1", "--per_device_train_batch_size", "2", "--global_batch_size", "16", world_size=4)
+    assert run.layout.data_parallel_width == 4
+    assert run.batch.accumulation_steps == 2
+
+
+def test_recompute_left_to_parallel_engine():
+    run = plan("--recompute", "true", "--recompute_granularity", "core_attn")
+    assert run.model_config.recompute is False
+    assert run.model_config.recompute_granularity == "core_attn"
+
+
+def test_output_dir_that_is_a_file_rejected(tmp_path):
+    path = tmp_path / "afile"
+    path.write_text("x")
+    with pytest.raises(ConfigError, match="exists and is not a directory"):
+        plan("--output_dir", str(path))
+    with pytest.raises(ConfigError, match="cannot be created"):
+        plan("--output_dir", str(path / "sub"))

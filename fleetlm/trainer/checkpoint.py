@@ -1,8 +1,10 @@
 """Checkpoints that are either complete or absent, and resume from the newest complete one.
 
 Layout of ``OUTPUT_DIR/checkpoint-STEP/``:
-    model_state.pdparams          parameters by structured name (rank 0 writes it under pure data parallel)
-    optimizer.pdopt               AdamW moments, beta powers and the LR scheduler state
+    model_state.pdparams          parameters by structured name, when tp = pp = 1
+    model_state.tp*_pp*.pdparams  otherwise one shard per tensor-parallel rank and pipeline stage
+    optimizer.tp*_pp*_sd*.pdopt   AdamW moments, beta powers and the LR scheduler state, per shard
+                                  (format and resharding: fleetlm.trainer.sharded_checkpoint)
     rng_state_rank{R}.pkl         Python, NumPy and Paddle generator states of global rank R
     trainer_state.json            format version, step, consumed samples, layout; written last
     config.json                   the resolved arguments and model architecture of the run
@@ -35,8 +37,6 @@ logger = get_logger(__name__)
 FORMAT_VERSION = 1
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 TRAINER_STATE = "trainer_state.json"
-MODEL_STATE = "model_state.pdparams"
-OPTIMIZER_STATE = "optimizer.pdopt"
 
 
 class CheckpointError(RuntimeError):
@@ -106,14 +106,13 @@ def restore_rng_state(state: Dict[str, Any]) -> None:
 def save_checkpoint(
     output_dir: str,
     state: TrainerState,
-    model_state: Optional[Dict[str, paddle.Tensor]],
-    optimizer_state: Optional[Dict[str, Any]],
+    files: Dict[str, Any],
     run_config: Dict[str, Any],
     rank: int,
     barrier: Callable[[], None],
     save_total_limit: int = 0,
 ) -> str:
-    """Write checkpoint-STEP atomically; every rank calls this, ranks with None states skip those files."""
+    """Write checkpoint-STEP atomically; every rank calls this with the files it owns ({name: object})."""
     final = os.path.join(output_dir, f"checkpoint-{state.step}")
     tmp = final + ".tmp"
     if rank == 0:
@@ -123,12 +122,9 @@ def save_checkpoint(
     barrier()
 
     written = []
-    if model_state is not None:
-        paddle.save(model_state, os.path.join(tmp, MODEL_STATE))
-        written.append(os.path.join(tmp, MODEL_STATE))
-    if optimizer_state is not None:
-        paddle.save(optimizer_state, os.path.join(tmp, OPTIMIZER_STATE))
-        written.append(os.path.join(tmp, OPTIMIZER_STATE))
+    for name, content in files.items():
+        paddle.save(content, os.path.join(tmp, name))
+        written.append(os.path.join(tmp, name))
     rng_path = os.path.join(tmp, f"rng_state_rank{rank}.pkl")
     with open(rng_path, "wb") as f:
         pickle.dump(capture_rng_state(), f)
@@ -191,13 +187,6 @@ def read_trainer_state(path: str) -> TrainerState:
             f"{state_path} has format_version {raw.get('format_version')!r}; this fleetlm reads version {FORMAT_VERSION}."
         )
     return TrainerState(step=raw["step"], consumed_samples=raw["consumed_samples"], layout=raw["layout"])
-
-
-def load_state_file(path: str, name: str) -> Any:
-    full = os.path.join(path, name)
-    if not os.path.isfile(full):
-        raise CheckpointError(f"checkpoint file {full} is missing.")
-    return paddle.load(full)
 
 
 def load_rng_state(path: str, rank: int) -> Optional[Dict[str, Any]]:

@@ -28,16 +28,18 @@ GPU_PEAK_TFLOPS = {
 
 
 def matmul_params(model: paddle.nn.Layer, tied_embeddings: bool) -> int:
-    """Parameters that take part in a matmul per token: all of them minus an untied input embedding.
+    """Parameters that take part in a matmul per token: all of them minus the lookup tables.
 
-    An untied embedding is a table lookup, not a matmul, so it is left out of the 6N count.
+    An untied token embedding and a learned position table (GPT-3, OPT) are
+    table lookups, not matmuls, so they are left out of the 6N count.
     """
-    total = sum(int(np.prod(p.shape)) for p in model.parameters())
-    if tied_embeddings:
-        return total
+    total = 0
     for name, p in model.named_parameters():
-        if name.endswith("embed_tokens.weight"):
-            return total - int(np.prod(p.shape))
+        lookup = name.endswith("embed_positions.weight") or (
+            name.endswith("embed_tokens.weight") and not tied_embeddings
+        )
+        if not lookup:
+            total += int(np.prod(p.shape))
     return total
 
 
@@ -106,7 +108,11 @@ class MetricsWriter:
         os.makedirs(output_dir, exist_ok=True)
         if resume_step is None:
             if os.path.exists(self.path):
-                os.replace(self.path, self.path + ".previous")
+                # Keep every earlier run's metrics: name the old file after its modification time.
+                stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(os.path.getmtime(self.path)))
+                kept = f"{self.path}.{stamp}"
+                os.replace(self.path, kept)
+                logger.info("moved the metrics of an earlier run to %s", kept)
             return
         if os.path.exists(self.path):
             kept = []

@@ -2,16 +2,21 @@
 
 Sample order is a pure function of ``consumed_samples``: optimizer step t reads the global batch of
 samples [c, c + global_batch) with c = t * global_batch, and micro-batch m of data-parallel rank r
-reads rows ``c + (m * dp_degree + r) * micro_batch`` onward. Resuming therefore needs only the step
-number from the checkpoint to continue the same stream.
+reads rows ``c + (m * dp_degree + r) * micro_batch`` onward, where r counts the ranks that read
+different samples (data-parallel x sharding). Tensor-parallel ranks and pipeline stages of one
+replica read the same rows. Resuming therefore needs only the step number from the checkpoint to
+continue the same stream, in any layout with the same global batch.
+
+The parallel layout itself (tensor, pipeline, sharding, recompute) is applied by
+``fleetlm.parallel.engine.parallelize``; this module only drives it.
 """
 
 import contextlib
 import math
-import os
+import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 import numpy as np
 import paddle
@@ -19,8 +24,12 @@ import paddle.distributed as dist
 from tqdm import tqdm
 
 from fleetlm.models.config import ModelConfig
+from fleetlm.parallel.clip import NonFiniteGradientError
+from fleetlm.parallel.engine import ParallelOptions, parallelize
 from fleetlm.parallel.topology import Topology
 from fleetlm.trainer import checkpoint as ckpt
+from fleetlm.trainer import precision as amp
+from fleetlm.trainer import sharded_checkpoint as shards
 from fleetlm.trainer.lr import build_lr_scheduler
 from fleetlm.trainer.metrics import (
     MetricsWriter,
@@ -44,7 +53,7 @@ class BatchPlan:
 
     micro_batch_size: int
     accumulation_steps: int
-    dp_degree: int
+    dp_degree: int  # ranks that read different samples: data-parallel x sharding degree
     seq_len: int
 
     @property
@@ -62,34 +71,6 @@ def read_batch(dataset, start: int, count: int):
     return paddle.to_tensor(rows[:, :-1]), paddle.to_tensor(rows[:, 1:])
 
 
-def decay_parameter_names(model: paddle.nn.Layer) -> set:
-    """Names of parameters that get weight decay: matrices only, so norms and biases are excluded."""
-    return {p.name for name, p in model.named_parameters() if len(p.shape) > 1 and "norm" not in name}
-
-
-@paddle.no_grad()
-def clip_grad_norm_(parameters: List[paddle.Tensor], max_norm: float) -> float:
-    """Scale gradients in place so their global L2 norm is at most max_norm; return the norm before.
-
-    The gradients must already be synchronised across data-parallel ranks (DataParallel does this in
-    the last backward), so every rank computes the same norm locally.
-    NOTE: with tensor, pipeline or sharding parallelism each rank holds a part of the gradients; the
-    squared sums then need an all-reduce over those groups before the square root.
-    """
-    grads = [p.grad for p in parameters if p.grad is not None]
-    if not grads:
-        return 0.0
-    squares = paddle.stack([paddle.sum(g.astype("float32") ** 2) for g in grads])
-    norm = float(paddle.sqrt(paddle.sum(squares)))
-    if max_norm > 0 and math.isfinite(norm):
-        # Same guard as the usual clip_by_global_norm: divide by max(norm, max_norm).
-        scale = max_norm / max(norm, max_norm)
-        if scale < 1.0:
-            for g in grads:
-                g.scale_(scale)
-    return norm
-
-
 class Trainer:
     """Owns the model, optimizer and data of one run and executes the loop on every rank."""
 
@@ -104,6 +85,7 @@ class Trainer:
         valid_dataset=None,
         test_dataset=None,
         run_config: Optional[Dict[str, Any]] = None,
+        options: Optional[ParallelOptions] = None,
     ):
         self.args = args.training
         self.model_config = model_config
@@ -116,30 +98,37 @@ class Trainer:
         self.run_config = run_config or {}
         self.rank = topology.rank
         self.is_main = self.rank == 0
+        self.options = options or ParallelOptions()
+        # FLOPs of the whole model, counted before tensor parallelism splits it.
+        self.flops_per_token = flops_per_token(matmul_params(model, model_config.tie_word_embeddings))
 
         self.scheduler = build_lr_scheduler(self.args)
-        decay_names = decay_parameter_names(model)
-        optimizer = paddle.optimizer.AdamW(
-            learning_rate=self.scheduler,
-            parameters=model.parameters(),
-            beta1=self.args.adam_beta1,
-            beta2=self.args.adam_beta2,
-            epsilon=self.args.adam_epsilon,
-            weight_decay=self.args.weight_decay,
-            apply_decay_param_fun=lambda name: name in decay_names,
-        )
-        if topology.is_distributed:
-            from paddle.distributed import fleet
+        self.precision = amp.select_precision(self.args.bf16, self.args.fp16)
+        t = self.args
 
-            self.engine = fleet.distributed_model(model)
-            self.optimizer = fleet.distributed_optimizer(optimizer)
-        else:
-            self.engine = model
-            self.optimizer = optimizer
+        def make_optimizer(parameters, apply_decay, clip):
+            optimizer = paddle.optimizer.AdamW(
+                learning_rate=self.scheduler,
+                parameters=parameters,
+                beta1=t.adam_beta1,
+                beta2=t.adam_beta2,
+                epsilon=t.adam_epsilon,
+                weight_decay=t.weight_decay,
+                apply_decay_param_fun=apply_decay,
+                grad_clip=clip,
+            )
+            return optimizer
+
+        self.parallel = parallelize(
+            model, model_config.model_type, topology, self.options, make_optimizer, t.max_grad_norm,
+            decorate=lambda module, optimizer: amp.decorate(module, optimizer, self.precision),
+        )
+        self.engine = self.parallel.engine
+        self.optimizer = self.parallel.optimizer
+        self.scaler = amp.make_scaler(self.precision, topology.is_distributed)
 
         self.step = 0
         self.consumed_samples = 0
-        self.flops_per_token = flops_per_token(matmul_params(model, model_config.tie_word_embeddings))
 
     # ----------------------------------------------------------------- collectives
 
@@ -147,26 +136,41 @@ class Trainer:
         if self.topology.is_distributed:
             dist.barrier()
 
-    def _mean_over_dp(self, value: paddle.Tensor) -> float:
-        """Average a scalar over data-parallel ranks (SUM then divide: gloo has no AVG)."""
+    def _mean_over_data_parallel(self, value: paddle.Tensor) -> float:
+        """Average a scalar over the ranks that read different samples (SUM then divide: gloo has no AVG)."""
         if self.plan.dp_degree > 1:
-            value = value.clone()
-            dist.all_reduce(value, group=self.topology.data_parallel_group())
+            value = value.clone().reshape([1])
+            for group in self.topology.data_parallel_groups():
+                dist.all_reduce(value, group=group)
             value = value / self.plan.dp_degree
-        return float(value)
+        return float(value.reshape([]))
 
     # ----------------------------------------------------------------- checkpoints
 
+    def _describe_layouts(self, saved: Dict[str, Any]) -> str:
+        return f"saved layout {saved or 'unknown'}, requested layout {self.run_config.get('layout', {})}"
+
     def resume(self, path: str) -> None:
-        """Load model, optimizer (with LR schedule), RNG and data position from a checkpoint."""
+        """Load model, optimizer (with LR schedule), RNG and data position from a checkpoint of any layout."""
         state = ckpt.read_trainer_state(path)
-        self.model.set_state_dict(ckpt.load_state_file(path, ckpt.MODEL_STATE))
-        self.optimizer.set_state_dict(ckpt.load_state_file(path, ckpt.OPTIMIZER_STATE))
+        spans = None
+        if self.parallel.sharding_stage == 3:
+            spans = shards.stage3_spans(self.parallel.parameters, self.engine, self.topology.sharding_rank)
+        shards.load_resharded(
+            path,
+            self.parallel.parameters,
+            self.parallel.inner_optimizer,
+            self.scheduler,
+            self.topology.tp_rank,
+            self.topology.layout.tp_degree,
+            self._describe_layouts(state.layout),
+            spans,
+        )
         rng = ckpt.load_rng_state(path, self.rank)
-        if rng is not None:
+        if rng is not None and state.layout.get("world_size", self.topology.world_size) == self.topology.world_size:
             ckpt.restore_rng_state(rng)
         else:
-            logger.warning("%s has no RNG state for rank %d; dropout draws will differ", path, self.rank)
+            logger.warning("%s has no RNG state for rank %d in this layout; dropout draws will differ", path, self.rank)
         self.step = state.step
         if state.consumed_samples != state.step * self.plan.global_batch_size:
             logger.warning(
@@ -175,82 +179,162 @@ class Trainer:
                 state.consumed_samples, state.step, self.plan.global_batch_size, state.consumed_samples,
             )
         self.consumed_samples = state.consumed_samples
-        logger.info("resumed from %s: step %d, %d samples consumed", path, self.step, self.consumed_samples)
+        # The saved scheduler state holds the rate of the old schedule; recompute it for this run's
+        # arguments (max_steps or decay_steps may have changed).
+        self.scheduler.last_epoch = state.step - 1
+        self.scheduler.step()
+        logger.info(
+            "resumed from %s: step %d, %d samples consumed (%s)",
+            path, self.step, self.consumed_samples, self._describe_layouts(state.layout),
+        )
 
     def save(self) -> None:
-        main = self.is_main
+        topology, layout = self.topology, self.topology.layout
+        parameters = self.parallel.parameters
+        replica_zero = topology.hcg is None or topology.hcg.get_data_parallel_rank() == 0
+        stage3 = self.parallel.sharding_stage == 3
+        slices = shards.stage3_slices(parameters, self.engine, topology.sharding_rank) if stage3 else None
+        files = {}
+        if replica_zero and (stage3 or topology.sharding_rank == 0):
+            name = shards.model_file_name(layout, topology.tp_rank, topology.pp_rank,
+                                          topology.sharding_rank if stage3 else None)
+            files[name] = shards.model_shard(parameters, layout, topology.tp_rank, slices)
+        if replica_zero:
+            name = shards.optimizer_file_name(topology.tp_rank, topology.pp_rank, topology.sharding_rank)
+            files[name] = shards.optimizer_shard(
+                parameters, self.parallel.inner_optimizer, self.scheduler, layout, topology.tp_rank, slices
+            )
         ckpt.save_checkpoint(
             self.args.output_dir,
             ckpt.TrainerState(self.step, self.consumed_samples, self.run_config.get("layout", {})),
-            # Pure data parallel: every rank holds the same weights and moments, rank 0 writes them.
-            model_state=self.model.state_dict() if main else None,
-            optimizer_state=self.optimizer.state_dict() if main else None,
+            files=files,
             run_config=self.run_config,
             rank=self.rank,
             barrier=self._barrier,
             save_total_limit=self.args.save_total_limit,
         )
 
+    # ----------------------------------------------------------------- batches
+
+    def _rows(self, start: int, micro: int) -> int:
+        """First sample of micro-batch ``micro`` of this rank in the global batch starting at ``start``."""
+        return start + (micro * self.plan.dp_degree + self.topology.dp_rank) * self.plan.micro_batch_size
+
+    def _pipeline_batch(self, dataset, start: int, micro_batches: int, micro_batch_size: int):
+        """Stack this rank's micro-batches in schedule order into [micro_batches * micro_batch_size, s]."""
+        parts = [
+            read_batch(dataset, start + (m * self.plan.dp_degree + self.topology.dp_rank) * micro_batch_size,
+                       micro_batch_size)
+            for m in range(micro_batches)
+        ]
+        return paddle.concat([p[0] for p in parts]), paddle.concat([p[1] for p in parts])
+
     # ----------------------------------------------------------------- evaluation
 
     @paddle.no_grad()
     def evaluate(self, dataset, name: str) -> float:
         """Mean loss over eval_iters batches of the first samples of ``dataset`` (the same every time)."""
+        batch, iters = self.args.per_device_eval_batch_size, self.args.eval_iters
+        if self.parallel.is_pipeline:
+            # One pipelined pass over all eval batches: micro-batch i is eval batch i, and the
+            # pipeline's mean of micro-batch means is the mean over the eval batches.
+            engine = self.engine
+            saved = engine.accumulate_steps, engine.micro_batch_size
+            engine.accumulate_steps, engine.micro_batch_size = iters, batch
+            try:
+                data = list(self._pipeline_batch(dataset, 0, iters, batch))
+                with amp.autocast(self.precision):
+                    total = engine.eval_batch(data, compute_loss=True)
+            finally:
+                engine.accumulate_steps, engine.micro_batch_size = saved
+            self.engine.train()
+            return self._mean_over_data_parallel(total.astype("float32"))
+
         self.engine.eval()
-        batch = self.args.per_device_eval_batch_size
-        dp, dp_rank = self.plan.dp_degree, self.topology.dp_rank
         total = paddle.zeros([], dtype="float32")
-        for i in range(self.args.eval_iters):
-            input_ids, labels = read_batch(dataset, (i * dp + dp_rank) * batch, batch)
-            total += self.engine(input_ids, labels).astype("float32")
+        for i in range(iters):
+            input_ids, labels = read_batch(dataset, (i * self.plan.dp_degree + self.topology.dp_rank) * batch, batch)
+            with amp.autocast(self.precision):
+                total += self.engine(input_ids, labels).astype("float32")
         self.engine.train()
-        loss = self._mean_over_dp(total / self.args.eval_iters)
-        return loss
+        return self._mean_over_data_parallel(total / iters)
 
     # ----------------------------------------------------------------- training
 
-    def _train_step(self) -> Dict[str, float]:
+    def _forward_backward(self) -> paddle.Tensor:
+        """Run the step's micro-batches forward and backward; return this rank's mean loss."""
         plan = self.plan
-        dp_rank = self.topology.dp_rank
         accumulation = plan.accumulation_steps
+        if self.parallel.is_pipeline:
+            # Fleet's 1F1B (or interleaved) schedule splits the stacked batch into the micro-batches
+            # and returns the mean of their losses, broadcast from the last stage to every stage.
+            data = list(self._pipeline_batch(self.train_dataset, self.consumed_samples, accumulation,
+                                             plan.micro_batch_size))
+            engine = self.engine
+            data = engine._prepare_training(data, self.optimizer, None)
+            engine.loss_fn_idx = 0
+            with amp.autocast(self.precision):
+                return engine.forward_backward_pipeline(data, self.scaler).reshape([])
 
-        # Forward and backward over the micro-batches. Each micro-batch loss is a mean over its
-        # micro_batch * seq_len tokens; dividing by the accumulation steps and letting DataParallel
-        # average over dp ranks gives the mean over all global_batch * seq_len tokens, which is the
-        # loss of one big batch (every sample has the same number of tokens, nothing is masked).
+        # Each micro-batch loss is a mean over its micro_batch * seq_len tokens; dividing by the
+        # accumulation steps and averaging over the data-parallel ranks (fleet or group-sharded
+        # reduction) gives the mean over all global_batch * seq_len tokens, the loss of one big batch
+        # (every sample has the same number of tokens, nothing is masked).
         step_loss = paddle.zeros([], dtype="float32")
+        no_sync = self.engine.no_sync if isinstance(self.engine, paddle.DataParallel) else None
         for micro in range(accumulation):
-            start = self.consumed_samples + (micro * plan.dp_degree + dp_rank) * plan.micro_batch_size
-            input_ids, labels = read_batch(self.train_dataset, start, plan.micro_batch_size)
+            input_ids, labels = read_batch(self.train_dataset, self._rows(self.consumed_samples, micro),
+                                           plan.micro_batch_size)
             sync_now = micro == accumulation - 1
-            no_sync = getattr(self.engine, "no_sync", None)
             context = no_sync() if (no_sync is not None and not sync_now) else contextlib.nullcontext()
             with context:
-                loss = self.engine(input_ids, labels) / accumulation
-                loss.backward()
+                with amp.autocast(self.precision):
+                    loss = self.engine(input_ids, labels).astype("float32") / accumulation
+                if self.scaler is not None:
+                    self.scaler.scale(loss).backward()
+                else:
+                    loss.backward()
             step_loss += loss.detach()
+        return step_loss
 
-        # Check the loss and gradients before the optimizer touches the weights.
-        loss_value = self._mean_over_dp(step_loss)
+    def _train_step(self) -> Dict[str, float]:
+        # Forward and backward.
+        loss_value = self._mean_over_data_parallel(self._forward_backward())
+
+        # Check the loss before the optimizer touches the weights.
         if not math.isfinite(loss_value):
             raise NonFiniteLossError(
                 f"loss is {loss_value} at step {self.step + 1}; the weights were not updated. "
                 "Lower learning_rate, check the data, or resume from the last checkpoint."
             )
-        grad_norm = clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm)
-        if not math.isfinite(grad_norm):
-            raise NonFiniteLossError(
-                f"gradient norm is {grad_norm} at step {self.step + 1} (loss {loss_value}); the weights were "
-                "not updated. Lower learning_rate or resume from the last checkpoint."
-            )
 
-        # Optimizer and schedule.
+        # Optimizer step. The clip inside it measures the global gradient norm over all shards and
+        # raises before any update when the norm is not finite.
+        self.parallel.sync_sequence_parallel_gradients()
         lr = self.optimizer.get_lr()
-        self.optimizer.step()
+        self.parallel.clip.last_norm = None
+        try:
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+        except NonFiniteGradientError as e:
+            raise NonFiniteLossError(
+                f"{e} at step {self.step + 1} (loss {loss_value}); the weights were not updated. "
+                "Lower learning_rate or resume from the last checkpoint."
+            ) from None
+        grad_norm = self.parallel.clip.last_norm
+        if grad_norm is None:
+            # Only fp16 gets here: the loss scaler found inf/NaN gradients and skipped the update.
+            logger.warning("step %d: fp16 loss scaler skipped the update (inf/NaN gradients)", self.step + 1)
+            grad_norm = float("nan")
         self.optimizer.clear_grad()
+
+        # Schedule.
         self.scheduler.step()
         self.step += 1
-        self.consumed_samples += plan.global_batch_size
+        self.consumed_samples += self.plan.global_batch_size
         return {"loss": loss_value, "lr": lr, "grad_norm": grad_norm}
 
     def train(self) -> Dict[str, float]:
@@ -267,9 +351,12 @@ class Trainer:
         )
         self.engine.train()
         last: Dict[str, float] = {}
+        # Under the launcher stderr is a log file: redraw the bar only every 30 s there, so the
+        # log gets a progress line now and then instead of one per step.
         bar = tqdm(
             total=args.max_steps, initial=self.step, desc="train", unit="step",
-            disable=args.disable_tqdm or not self.is_main, dynamic_ncols=True, mininterval=1.0,
+            disable=args.disable_tqdm or not self.is_main, dynamic_ncols=True,
+            mininterval=1.0 if sys.stderr.isatty() else 30.0,
         )
         # Throughput counts the time inside training steps only, not eval or checkpoint writes.
         interval_time, interval_steps = 0.0, 0

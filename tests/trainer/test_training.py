@@ -117,3 +117,55 @@ def test_restart_without_resume_rejected(pattern_tokens, uninterrupted):
     result = run_pretrain(run_args(pattern_tokens, uninterrupted))
     assert result.returncode == 2
     assert "already holds checkpoint-8" in result.stdout
+
+
+def test_sharding_in_one_process_is_plain_training(pattern_tokens, tmp_path):
+    plain = train_in_process(common_args(pattern_tokens, str(tmp_path / "plain"), "--max_steps", "2", "--save_steps", "0"))
+    sharded = train_in_process(common_args(pattern_tokens, str(tmp_path / "sharded"), "--max_steps", "2",
+                                           "--save_steps", "0", "--sharding", "stage2"))
+    assert sharded.parallel.sharding_stage == 0
+    plain_losses = [r["loss"] for r in train_records(str(tmp_path / "plain"))]
+    sharded_losses = [r["loss"] for r in train_records(str(tmp_path / "sharded"))]
+    assert sharded_losses == plain_losses
+    assert plain.parallel.sharding_stage == 0
+
+
+def test_resume_with_smaller_batch_and_longer_schedule(pattern_tokens, tmp_path):
+    output_dir = str(tmp_path)
+    first = run_pretrain(common_args(pattern_tokens, output_dir, "--max_steps", "3", "--save_steps", "3",
+                                     "--per_device_train_batch_size", "4"))
+    assert first.returncode == 0, first.stdout[-3000:]
+    # Half the global batch and twice the steps: the train set must cover the samples already
+    # consumed plus the new steps, and the first resumed step uses the new schedule's rate.
+    resumed = run_pretrain(common_args(pattern_tokens, output_dir, "--max_steps", "6", "--save_steps", "0",
+                                       "--per_device_train_batch_size", "2", "--resume_from_checkpoint", "true"))
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    records = train_records(output_dir)
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert [r["consumed_samples"] for r in records[3:]] == [14, 16, 18]
+
+    fresh_dir = str(tmp_path / "fresh")
+    fresh = run_pretrain(common_args(pattern_tokens, fresh_dir, "--max_steps", "6", "--save_steps", "0",
+                                     "--per_device_train_batch_size", "2"))
+    assert fresh.returncode == 0, fresh.stdout[-3000:]
+    assert records[3]["lr"] == train_records(fresh_dir)[3]["lr"]
+
+
+def test_resume_rejects_other_architecture_and_finished_run(pattern_tokens, uninterrupted):
+    wider = run_pretrain(run_args(pattern_tokens, uninterrupted, "--resume_from_checkpoint", "true",
+                                  "--max_steps", "12", "--hidden_size", "128"))
+    assert wider.returncode == 2
+    assert "cannot be resumed in this layout because the model differs" in wider.stdout
+    assert "(hidden_size: saved 64, requested 128)" in wider.stdout
+    assert "requested layout dp=1 tp=1 pp=1 sharding=1 (1 processes)" in wider.stdout
+    finished = run_pretrain(run_args(pattern_tokens, uninterrupted, "--resume_from_checkpoint", "true"))
+    assert finished.returncode == 2
+    assert "is at step 8, and max_steps=8 leaves nothing to train" in finished.stdout
+
+
+def test_token_ids_beyond_vocab_rejected_before_training(pattern_tokens, tmp_path):
+    result = run_pretrain(common_args(pattern_tokens, str(tmp_path / "out"), "--max_steps", "2",
+                                      "--vocab_size", "256"))
+    assert result.returncode == 2
+    assert "holds token id 511, but the model's vocab_size is 256" in result.stdout
+    assert not (tmp_path / "out").exists()
