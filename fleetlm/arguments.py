@@ -58,6 +58,9 @@ class ModelArguments:
     use_fused_rope: bool = field(
         default=False, metadata=_help("Use Paddle's fused rotary-embedding kernel where the device has it.")
     )
+    use_fused_swiglu: bool = field(
+        default=False, metadata=_help("Use Paddle's fused SwiGLU kernel (silu(gate) * up) where the device has it.")
+    )
     virtual_pp_degree: int = field(default=1, metadata=_help("Virtual pipeline stages per pipeline rank."))
     # Architecture overrides: None keeps the value of the named model.
     vocab_size: Optional[int] = field(default=None, metadata=_help("Override: vocabulary size (number of ids)."))

@@ -5,6 +5,7 @@ Exit codes: 0 success, 2 invalid arguments or data (nothing written), 3 a non-fi
 """
 
 import os
+import pickle
 import random
 import sys
 from typing import List, Optional
@@ -120,6 +121,13 @@ def run(args: Arguments) -> int:
             trainer.resume(resume_path)
         except ckpt.CheckpointError as e:
             return _fail(str(e), EXIT_CONFIG)
+        except (ValueError, EOFError, pickle.UnpicklingError) as e:
+            # paddle.load and pickle raise these on a truncated or overwritten file.
+            return _fail(
+                f"cannot load checkpoint {resume_path} ({type(e).__name__}: {e}); a file in it is damaged. "
+                "Resume from an older checkpoint: --resume_from_checkpoint OUTPUT_DIR/checkpoint-STEP.",
+                EXIT_CONFIG,
+            )
 
     try:
         if args.training.do_train:

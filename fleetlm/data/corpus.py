@@ -341,7 +341,16 @@ def extract_text(record: RawRecord, json_keys: Sequence[str]) -> str:
                 f"choose the key(s) with --json_key or pass --skip_invalid"
             )
         parts.append(_field_text(value[key], key, record))
-    return "\n".join(parts)
+    text = "\n".join(parts)
+    try:
+        # JSON escapes can spell unpaired UTF-16 surrogates ("\ud800"), which no tokenizer can encode.
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise InvalidRecordError(
+            f"{record.location()}: the text holds an unpaired UTF-16 surrogate (\\u{ord(text[error.start]):04x}), "
+            f"which is not valid Unicode; fix the record or pass --skip_invalid to skip it"
+        ) from None
+    return text
 
 
 def _field_text(field, key: str, record: RawRecord) -> str:
@@ -350,7 +359,8 @@ def _field_text(field, key: str, record: RawRecord) -> str:
     if isinstance(field, list) and all(isinstance(item, str) for item in field):
         return "\n".join(field)
     raise InvalidRecordError(
-        f"{record.location()}: key {key!r} contains a {type(field).__name__}, expected a string or a list of strings"
+        f"{record.location()}: key {key!r} holds a value of type {type(field).__name__}, expected a string or a "
+        f"list of strings; fix the record or pass --skip_invalid to skip it"
     )
 
 

@@ -47,6 +47,7 @@ class ModelConfig:
     use_flash_attention: bool = field(default=False, metadata={"runtime": True})
     use_fused_rms_norm: bool = field(default=False, metadata={"runtime": True})
     use_fused_rope: bool = field(default=False, metadata={"runtime": True})
+    use_fused_swiglu: bool = field(default=False, metadata={"runtime": True})
     hidden_dropout_prob: float = field(default=0.0, metadata={"runtime": True})
     attention_probs_dropout_prob: float = field(default=0.0, metadata={"runtime": True})
     recompute: bool = field(default=False, metadata={"runtime": True})
@@ -170,6 +171,7 @@ def load_model_config(args: ModelArguments) -> ModelConfig:
     config.use_flash_attention = args.use_flash_attention
     config.use_fused_rms_norm = args.use_fused_rms_norm
     config.use_fused_rope = args.use_fused_rope
+    config.use_fused_swiglu = args.use_fused_swiglu
     config.hidden_dropout_prob = args.hidden_dropout_prob
     config.attention_probs_dropout_prob = args.attention_probs_dropout_prob
     config.validate()

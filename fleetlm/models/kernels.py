@@ -67,3 +67,15 @@ def use_fused_rope(requested: bool) -> bool:
         return False
     _record("rotary", "fused_rotary_position_embedding", "use_fused_rope on a CUDA build")
     return True
+
+
+def use_fused_swiglu(requested: bool) -> bool:
+    """Return True when the gated MLP should call paddle.incubate's fused swiglu kernel."""
+    if not requested:
+        _record("swiglu", "plain", "use_fused_swiglu is false")
+        return False
+    if not _gpu_build():
+        _record("swiglu", "plain", "use_fused_swiglu requested, but this Paddle build has no CUDA")
+        return False
+    _record("swiglu", "fused_swiglu", "use_fused_swiglu on a CUDA build")
+    return True

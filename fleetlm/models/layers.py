@@ -151,14 +151,21 @@ ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_new": gelu_tanh, "relu": F.
 class SwiGLUMLP(nn.Layer):
     """Gated MLP (Shazeer, 2020): down(act(gate(x)) * up(x)); SwiGLU with silu (LLaMA), GeGLU with gelu."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False, activation: str = "silu"):
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False, activation: str = "silu",
+                 use_fused: bool = False):
         super().__init__()
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias_attr=bias)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias_attr=bias)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias_attr=bias)
         self.act = ACTIVATIONS[activation]
+        # The fused kernel computes silu(gate) * up only, so GeGLU always takes the plain path.
+        self.use_fused = activation == "silu" and kernels.use_fused_swiglu(use_fused)
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        if self.use_fused:
+            from paddle.incubate.nn.functional import swiglu
+
+            return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -178,7 +185,8 @@ class MLP(nn.Layer):
 def build_mlp(config) -> nn.Layer:
     """Build the MLP a ModelConfig names: gated (gate/up/down) or plain (up/down)."""
     if config.gated_mlp:
-        return SwiGLUMLP(config.hidden_size, config.intermediate_size, config.mlp_bias, config.hidden_act)
+        return SwiGLUMLP(config.hidden_size, config.intermediate_size, config.mlp_bias, config.hidden_act,
+                         config.use_fused_swiglu)
     return MLP(config.hidden_size, config.intermediate_size, config.mlp_bias, config.hidden_act)
 
 

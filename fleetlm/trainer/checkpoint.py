@@ -186,6 +186,12 @@ def read_trainer_state(path: str) -> TrainerState:
         raise CheckpointError(
             f"{state_path} has format_version {raw.get('format_version')!r}; this fleetlm reads version {FORMAT_VERSION}."
         )
+    for key in ("step", "consumed_samples"):
+        value = raw.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise CheckpointError(f"{state_path} has {key}={value!r}, not a non-negative integer; the checkpoint is damaged.")
+    if not isinstance(raw.get("layout"), dict):
+        raise CheckpointError(f"{state_path} has no layout object; the checkpoint is damaged.")
     return TrainerState(step=raw["step"], consumed_samples=raw["consumed_samples"], layout=raw["layout"])
 
 

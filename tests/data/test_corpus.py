@@ -109,3 +109,12 @@ def test_zstd_frames_and_truncation(tmp_path):
             handle.read()
     with pytest.raises(corpus.DataError, match="check that the file is complete"):
         list(iter_raw_records([str(cut)]))
+
+
+def test_unpaired_surrogate_rejected_with_location(tmp_path):
+    path = tmp_path / "surrogate.jsonl"
+    path.write_text('{"text": "fine"}\n{"text": "bad \\ud800 text"}\n')
+    records = list(iter_raw_records([str(path)]))
+    assert corpus.extract_text(records[0], ["text"]) == "fine"
+    with pytest.raises(InvalidRecordError, match=r"line 2.*unpaired UTF-16 surrogate \(\\ud800\).*--skip_invalid"):
+        corpus.extract_text(records[1], ["text"])

@@ -4,7 +4,6 @@ import os
 import signal
 
 import numpy as np
-import paddle
 import pytest
 from run_util import REPO_ROOT, run_pretrain, train_records
 
@@ -169,3 +168,24 @@ def test_token_ids_beyond_vocab_rejected_before_training(pattern_tokens, tmp_pat
     assert result.returncode == 2
     assert "holds token id 511, but the model's vocab_size is 256" in result.stdout
     assert not (tmp_path / "out").exists()
+
+
+def test_damaged_checkpoint_rejected_with_path(pattern_tokens, uninterrupted, tmp_path):
+    import shutil
+
+    damaged = tmp_path / "checkpoint-6"
+    shutil.copytree(os.path.join(uninterrupted, "checkpoint-6"), damaged)
+    optimizer_files = [name for name in os.listdir(damaged) if name.startswith("optimizer")]
+    assert optimizer_files
+    for name in optimizer_files:
+        (damaged / name).write_bytes(b"\x80\x04truncated")
+    result = run_pretrain(run_args(pattern_tokens, str(tmp_path / "out"), "--resume_from_checkpoint", str(damaged)))
+    assert result.returncode == 2
+    assert f"cannot load checkpoint {damaged}" in result.stdout
+    assert "Traceback" not in result.stdout
+
+    state = damaged / "trainer_state.json"
+    state.write_text(state.read_text().replace('"step": 6', '"step": "6"'))
+    result = run_pretrain(run_args(pattern_tokens, str(tmp_path / "out"), "--resume_from_checkpoint", str(damaged)))
+    assert result.returncode == 2
+    assert "has step='6', not a non-negative integer" in result.stdout
