@@ -11,6 +11,7 @@ commands keep working; see docs/data.md for the formats.
 """
 
 import argparse
+import os
 
 import _common  # noqa: F401 - puts the repository root on sys.path
 
@@ -41,7 +42,29 @@ def parse_args() -> argparse.Namespace:
                        help="documents between progress log lines when no terminal shows the progress bar")
     group.add_argument("--skip_invalid", action="store_true",
                        help="skip and count records with invalid UTF-8, invalid JSON or a missing key instead of failing")
-    return parser.parse_args()
+    group.add_argument("--overwrite", action="store_true",
+                       help="replace an existing PREFIX.bin/.idx (by default the run stops instead)")
+    args = parser.parse_args()
+    check_args(parser, args)
+    return args
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Reject argument values argparse cannot check by type; parser.error exits with status 2."""
+    if args.workers < 1:
+        parser.error(f"--workers {args.workers}: must be at least 1")
+    if args.log_interval < 1:
+        parser.error(f"--log_interval {args.log_interval}: must be at least 1")
+    cores = os.cpu_count() or 1
+    if args.workers > 4 * cores:
+        parser.error(f"--workers {args.workers} is far above the {cores} CPU cores here; use at most {cores}")
+    prefix = args.output_prefix
+    if not os.path.basename(prefix) or prefix.endswith((".bin", ".idx")):
+        parser.error(f"--output_prefix {prefix!r}: give a path without suffix, e.g. data/corpus for "
+                     "data/corpus.bin and data/corpus.idx")
+    existing = [path for path in (prefix + ".bin", prefix + ".idx") if os.path.exists(path)]
+    if existing and not args.overwrite:
+        parser.error(f"{existing[0]} already exists; pass --overwrite to replace it, or choose another --output_prefix")
 
 
 def main() -> None:

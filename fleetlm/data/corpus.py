@@ -347,7 +347,7 @@ def extract_text(record: RawRecord, json_keys: Sequence[str]) -> str:
         text.encode("utf-8")
     except UnicodeEncodeError as error:
         raise InvalidRecordError(
-            f"{record.location()}: the text holds an unpaired UTF-16 surrogate (\\u{ord(text[error.start]):04x}), "
+            f"{record.location()}: the text contains an unpaired UTF-16 surrogate (\\u{ord(text[error.start]):04x}), "
             f"which is not valid Unicode; fix the record or pass --skip_invalid to skip it"
         ) from None
     return text
@@ -359,7 +359,7 @@ def _field_text(field, key: str, record: RawRecord) -> str:
     if isinstance(field, list) and all(isinstance(item, str) for item in field):
         return "\n".join(field)
     raise InvalidRecordError(
-        f"{record.location()}: key {key!r} holds a value of type {type(field).__name__}, expected a string or a "
+        f"{record.location()}: key {key!r} has a value of type {type(field).__name__}, expected a string or a "
         f"list of strings; fix the record or pass --skip_invalid to skip it"
     )
 

@@ -1,6 +1,6 @@
 """Check, before training, that every token id in the data fits the model's vocabulary.
 
-An id at or above ``vocab_size`` makes the embedding lookup fail at the first batch that holds it,
+An id at or above ``vocab_size`` makes the embedding lookup fail at the first batch that contains it,
 which may be hours into a run (or in the first evaluation), and on some devices reads out of
 bounds instead. The largest id of a token file is found once with a chunked scan of the memory
 map and cached in a small JSON file next to the index cache, keyed by the files' sizes and
@@ -35,7 +35,7 @@ def _file_signature(prefix: str) -> str:
 
 
 def max_token_id(prefix: str, data_cache: Optional[str] = None) -> int:
-    """Return the largest token id in the token file ``prefix`` (-1 when it holds no tokens)."""
+    """Return the largest token id in the token file ``prefix`` (-1 when it has no tokens)."""
     signature = _file_signature(prefix)
     cache_path = os.path.join(_default_cache_dir(prefix, data_cache), os.path.basename(prefix) + "-max-token-id.json")
     try:
@@ -65,11 +65,11 @@ def max_token_id(prefix: str, data_cache: Optional[str] = None) -> int:
 
 
 def check_token_ids(input_dir: str, vocab_size: int, data_cache: Optional[str] = None) -> None:
-    """Raise DataError when a source of ``input_dir`` holds an id >= vocab_size."""
+    """Raise DataError when a source of ``input_dir`` contains an id >= vocab_size."""
     for source in parse_input_dir(input_dir):
         largest = max_token_id(source.prefix, data_cache)
         if largest >= vocab_size:
             raise DataError(
-                f"{source.prefix} holds token id {largest}, but the model's vocab_size is {vocab_size}; "
+                f"{source.prefix} contains token id {largest}, but the model's vocab_size is {vocab_size}; "
                 f"set vocab_size to at least {largest + 1}, or re-tokenize the data with the model's tokenizer."
             )

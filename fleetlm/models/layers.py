@@ -163,9 +163,7 @@ class SwiGLUMLP(nn.Layer):
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         if self.use_fused:
-            from paddle.incubate.nn.functional import swiglu
-
-            return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+            return self.down_proj(F.swiglu(self.gate_proj(x), self.up_proj(x)))
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 

@@ -194,7 +194,7 @@ def test_missing_key_reports_line(tmp_path):
 
 def test_wrong_value_type_rejected(tmp_path):
     path = write_jsonl(tmp_path / "in.jsonl", [b'{"text": 12}'])
-    with pytest.raises(DataError, match="key 'text' holds a value of type int, expected a string or a list of strings"):
+    with pytest.raises(DataError, match="key 'text' has a value of type int, expected a string or a list of strings"):
         tokenize_corpus(path, TOKENIZERS["gpt2"], str(tmp_path / "out"))
 
 

@@ -40,5 +40,5 @@ def test_id_beyond_vocab_rejected(tmp_path):
     small = write_tokens(str(tmp_path / "small"), [[1, 2, 3]])
     large = write_tokens(str(tmp_path / "large"), [[1, 600, 3]])
     check_token_ids(f"1 {small} 1 {large}", vocab_size=601)
-    with pytest.raises(DataError, match=r"large holds token id 600, but the model's vocab_size is 512; set vocab_size to at least 601"):
+    with pytest.raises(DataError, match=r"large contains token id 600, but the model's vocab_size is 512; set vocab_size to at least 601"):
         check_token_ids(f"1 {small} 1 {large}", vocab_size=512)

@@ -166,7 +166,7 @@ def test_token_ids_beyond_vocab_rejected_before_training(pattern_tokens, tmp_pat
     result = run_pretrain(common_args(pattern_tokens, str(tmp_path / "out"), "--max_steps", "2",
                                       "--vocab_size", "256"))
     assert result.returncode == 2
-    assert "holds token id 511, but the model's vocab_size is 256" in result.stdout
+    assert "contains token id 511, but the model's vocab_size is 256" in result.stdout
     assert not (tmp_path / "out").exists()
 
 

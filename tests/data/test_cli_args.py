@@ -1,0 +1,48 @@
+"""Argument checks of create_pretraining_data.py that run before any file is read or written."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TOOL = os.path.join(REPO_ROOT, "data_tools", "create_pretraining_data.py")
+GPT2 = os.path.join(REPO_ROOT, "tests", "assets", "tokenizers", "gpt2")
+PLAY = os.path.join(REPO_ROOT, "examples", "data", "shakespeare", "tempest_gut.txt")
+
+
+def run_tool(*args):
+    return subprocess.run([sys.executable, TOOL, "--input_path", PLAY, "--tokenizer_name_or_path", GPT2, *args],
+                          capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--workers", "0"], "--workers 0: must be at least 1"),
+    (["--workers", "100000"], "is far above the"),
+    (["--log_interval", "0"], "--log_interval 0: must be at least 1"),
+])
+def test_bad_numbers_exit_2(tmp_path, args, expected):
+    result = run_tool("--output_prefix", str(tmp_path / "out"), *args)
+    assert result.returncode == 2
+    assert expected in result.stderr
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("suffix", ["out.bin", "out.idx", "sub/"])
+def test_prefix_with_suffix_rejected(tmp_path, suffix):
+    (tmp_path / "sub").mkdir()
+    result = run_tool("--output_prefix", f"{tmp_path}/{suffix}")
+    assert result.returncode == 2
+    assert "give a path without suffix" in result.stderr
+
+
+def test_existing_output_kept_unless_overwrite(tmp_path):
+    prefix = str(tmp_path / "out")
+    assert run_tool("--output_prefix", prefix).returncode == 0
+    before = open(prefix + ".bin", "rb").read()
+    again = run_tool("--output_prefix", prefix)
+    assert again.returncode == 2
+    assert "out.bin already exists; pass --overwrite" in again.stderr
+    assert open(prefix + ".bin", "rb").read() == before
+    assert run_tool("--output_prefix", prefix, "--overwrite").returncode == 0
