@@ -35,7 +35,7 @@ def _help(text: str, **extra) -> Dict[str, Any]:
 
 @dataclass
 class ModelArguments:
-    """Which architecture to build, where its weights and tokenizer come from, and kernel switches."""
+    """Model arguments: the architecture, its weights and tokenizer, and kernel switches."""
 
     model_name_or_path: str = field(
         default="fleetlm/tiny-llama",
@@ -105,7 +105,7 @@ MODEL_OVERRIDE_KEYS = (
 
 @dataclass
 class DataArguments:
-    """Where the token files are and how they become samples."""
+    """Data arguments: the token files and how they become samples."""
 
     input_dir: str = field(
         default="./data",
@@ -132,7 +132,7 @@ class DataArguments:
 
 @dataclass
 class TrainingArguments:
-    """Optimisation, schedule, parallel layout, precision, logging and checkpoints."""
+    """Training arguments: optimisation, schedule, parallel layout, precision, logging and checkpoints."""
 
     output_dir: str = field(default="./output", metadata=_help("Directory for checkpoints and the metrics log."))
     do_train: bool = field(default=True, metadata=_help("Run the training loop."))
@@ -526,7 +526,7 @@ def format_help() -> str:
         "(which overrides the file), then from the defaults below.",
     ]
     for group in ARGUMENT_GROUPS:
-        lines += ["", f"{group.__name__}: {group.__doc__}"]
+        lines += ["", group.__doc__]
         for f in dataclasses.fields(group):
             base, optional = _base_type(f.type)
             kind = "int list" if base is list else base.__name__

@@ -45,7 +45,7 @@ class CheckpointError(RuntimeError):
 
 @dataclass
 class TrainerState:
-    """Where training stands: the next step to run and the samples already consumed."""
+    """Training position: the optimizer steps taken, the samples consumed and the layout that took them."""
 
     step: int
     consumed_samples: int
@@ -225,5 +225,5 @@ def resolve_resume_path(resume_from_checkpoint: Optional[str], output_dir: str) 
         return resume_from_checkpoint
     path = latest_checkpoint(resume_from_checkpoint)
     if path is None:
-        raise CheckpointError(f"resume_from_checkpoint='{resume_from_checkpoint}' holds no complete checkpoint.")
+        raise CheckpointError(f"resume_from_checkpoint='{resume_from_checkpoint}' contains no complete checkpoint.")
     return path

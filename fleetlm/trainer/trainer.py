@@ -49,7 +49,7 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass
 class BatchPlan:
-    """How one optimizer step's global batch is divided."""
+    """Division of one optimizer step's global batch into micro-batches and data-parallel ranks."""
 
     micro_batch_size: int
     accumulation_steps: int
@@ -179,7 +179,7 @@ class Trainer:
                 state.consumed_samples, state.step, self.plan.global_batch_size, state.consumed_samples,
             )
         self.consumed_samples = state.consumed_samples
-        # The saved scheduler state holds the rate of the old schedule; recompute it for this run's
+        # The saved scheduler state contains the rate of the old schedule, so recompute it for this run's
         # arguments (max_steps or decay_steps may have changed).
         self.scheduler.last_epoch = state.step - 1
         self.scheduler.step()
