@@ -11,16 +11,12 @@ Build the demo data first with scripts/run_demo.sh (or its tokenizer and preproc
 """
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO_CONFIG = os.path.join(REPO_ROOT, "llama", "pretrain_llama-15m-shakespeare-demo.json")
+from demo_run import DEMO_CONFIG, REPO_ROOT, train_demo
 
 # name: (processes, arguments); each gives a global batch of 16 samples.
 LAYOUTS = {
@@ -37,23 +33,8 @@ LAYOUTS = {
 
 def run_layout(name: str, steps: int, workdir: str, data_prefix: str, tokenizer: str) -> dict:
     nproc, layout_args = LAYOUTS[name]
-    output_dir = os.path.join(workdir, name)
-    args = [
-        DEMO_CONFIG, "--max_steps", str(steps), "--logging_steps", "1", "--save_steps", "0", "--do_eval", "false",
-        "--output_dir", output_dir, "--input_dir", data_prefix, "--tokenizer_name_or_path", tokenizer,
-        "--disable_tqdm", "true", *layout_args,
-    ]
-    command = [sys.executable]
-    if nproc > 1:
-        command += ["-m", "paddle.distributed.launch", "--nproc_per_node", str(nproc),
-                    "--log_dir", os.path.join(workdir, f"log-{name}")]
-    command += [os.path.join(REPO_ROOT, "run_pretrain.py"), *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    start = time.perf_counter()
-    subprocess.run(command, cwd=REPO_ROOT, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wall = time.perf_counter() - start
-    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
-        records = [json.loads(line) for line in f if '"loss"' in line]
+    records, wall = train_demo(nproc, steps, os.path.join(workdir, name), os.path.join(workdir, f"log-{name}"),
+                               data_prefix, tokenizer, layout_args)
     # The first two steps include kernel selection and allocator warm-up; the median resists other jobs.
     steady = records[2:]
     return {

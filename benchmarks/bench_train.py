@@ -10,15 +10,12 @@ Build the demo data first with scripts/run_demo.sh (or its tokenizer and preproc
 """
 
 import argparse
-import json
 import os
 import subprocess
 import sys
 import tempfile
-import time
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO_CONFIG = os.path.join(REPO_ROOT, "llama", "pretrain_llama-15m-shakespeare-demo.json")
+from demo_run import DEMO_CONFIG, REPO_ROOT, train_demo
 
 
 def measure_matmul_gflops(threads: int, size: int = 2048, seconds: float = 3.0) -> float:
@@ -39,23 +36,8 @@ def measure_matmul_gflops(threads: int, size: int = 2048, seconds: float = 3.0) 
 
 
 def run_training(nproc: int, steps: int, workdir: str, data_prefix: str, tokenizer: str) -> dict:
-    output_dir = os.path.join(workdir, f"out-{nproc}")
-    args = [
-        DEMO_CONFIG, "--max_steps", str(steps), "--logging_steps", "1", "--save_steps", "0", "--do_eval", "false",
-        "--output_dir", output_dir, "--input_dir", data_prefix, "--tokenizer_name_or_path", tokenizer,
-        "--disable_tqdm", "true",
-    ]
-    command = [sys.executable]
-    if nproc > 1:
-        command += ["-m", "paddle.distributed.launch", "--nproc_per_node", str(nproc),
-                    "--log_dir", os.path.join(workdir, f"log-{nproc}")]
-    command += [os.path.join(REPO_ROOT, "run_pretrain.py"), *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    start = time.perf_counter()
-    subprocess.run(command, cwd=REPO_ROOT, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wall = time.perf_counter() - start
-    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
-        records = [json.loads(line) for line in f if '"loss"' in line]
+    records, wall = train_demo(nproc, steps, os.path.join(workdir, f"out-{nproc}"),
+                               os.path.join(workdir, f"log-{nproc}"), data_prefix, tokenizer)
     # Drop the first two steps: they include kernel selection and allocator warm-up.
     steady = records[2:]
     tokens_per_s = sum(r["tokens_per_s"] for r in steady) / len(steady)
