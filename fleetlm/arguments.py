@@ -8,7 +8,7 @@ world size or the model architecture live in ``fleetlm.validate``.
 
 The fields are grouped as PaddleNLP groups them (model, data, training) so that a PaddleNLP JSON
 argument file reads the same here. A few PaddleNLP keys control features that have no meaning in
-fleetlm (data loader workers, report destinations); they are accepted, logged once and ignored,
+fleetlm (data loader workers, report destinations). They are accepted, logged once and ignored,
 and listed in ``IGNORED_KEYS`` with the reason.
 """
 

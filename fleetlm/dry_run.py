@@ -9,7 +9,7 @@ parameter is assigned to the cards that hold it:
   output features, the o and down projections by input features (their biases stay whole), and
   the token embedding and output layer by vocabulary. Norms and other biases are replicated;
 * pipeline parallelism (p stages) gives each stage num_hidden_layers / p blocks. The first stage
-  also holds the embeddings and the last the final norm and output layer. The largest stage is reported;
+  also contains the embeddings and the last the final norm and output layer. The largest stage is reported;
 * sharding over s ranks divides the optimizer state (stage1), plus the gradients (stage2), plus
   the parameters (stage3) by s.
 
@@ -62,7 +62,7 @@ def parameter_shapes(config: ModelConfig) -> List[Tuple[str, List[int]]]:
 
 
 def _tensor_parallel_share(name: str, tp: int) -> float:
-    """Fraction of the parameter ``name`` that one tensor-parallel rank holds."""
+    """Fraction of the parameter ``name`` that one tensor-parallel rank stores."""
     parts = name.split(".")
     module, kind = parts[-2], parts[-1]
     if module in _COLUMN_PARALLEL:

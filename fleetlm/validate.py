@@ -1,7 +1,7 @@
 """Checks of a whole run before any worker does real work: layout, batch, model, parallel options.
 
 ``plan_run`` is a pure function of the parsed arguments and the world size, so every rank reaches
-the same verdict without communicating; rank 0 prints it and all ranks exit non-zero.
+the same verdict without communicating. Rank 0 prints it and all ranks exit non-zero.
 """
 
 import os
@@ -20,7 +20,7 @@ logger = get_logger(__name__)
 
 @dataclass
 class RunPlan:
-    """What a validated run will build."""
+    """Plan of a validated run: model architecture, parallel layout and batch division."""
 
     model_config: ModelConfig
     layout: Layout
@@ -162,7 +162,7 @@ def plan_run(args: Arguments, world_size: int) -> RunPlan:
         existing = list_checkpoints(t.output_dir)
         if existing:
             raise ConfigError(
-                f"output_dir='{t.output_dir}' already holds {os.path.basename(existing[-1][1])}; starting again would "
+                f"output_dir='{t.output_dir}' already contains {os.path.basename(existing[-1][1])}; starting again would "
                 "overwrite it. Pass --resume_from_checkpoint true to continue, or choose another output_dir."
             )
     if args.model.tokenizer_name_or_path:

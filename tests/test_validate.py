@@ -82,7 +82,7 @@ def test_existing_checkpoint_not_overwritten(tmp_path):
     checkpoint = tmp_path / "checkpoint-5"
     checkpoint.mkdir()
     (checkpoint / "trainer_state.json").write_text("{}")
-    with pytest.raises(ConfigError, match="already holds checkpoint-5.*--resume_from_checkpoint true"):
+    with pytest.raises(ConfigError, match="already contains checkpoint-5.*--resume_from_checkpoint true"):
         plan("--output_dir", str(tmp_path))
     plan("--output_dir", str(tmp_path), "--resume_from_checkpoint", "true")
 

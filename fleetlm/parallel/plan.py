@@ -1,6 +1,6 @@
 """Parallel plans: where each model family keeps the pieces that tensor and pipeline parallelism split.
 
-A plan names submodules; it holds no code. ``fleetlm.parallel.tensor_parallel`` swaps the named
+A plan names submodules; it contains no code. ``fleetlm.parallel.tensor_parallel`` swaps the named
 projections for fleet's parallel layers, ``fleetlm.parallel.pipeline`` cuts the named pieces into
 stages, and ``fleetlm.parallel.recompute`` wraps the named blocks. A family whose modules follow
 the LLaMA names (q_proj ... down_proj, embed_tokens, norm, lm_head) reuses ``LLAMA_PLAN`` as is.

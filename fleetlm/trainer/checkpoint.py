@@ -206,8 +206,8 @@ def load_rng_state(path: str, rank: int) -> Optional[Dict[str, Any]]:
 def resolve_resume_path(resume_from_checkpoint: Optional[str], output_dir: str) -> Optional[str]:
     """Turn the resume_from_checkpoint argument into a checkpoint directory, or None to start fresh.
 
-    'true' means the newest complete checkpoint in output_dir (none there: start fresh, with a log line);
-    a path must be a complete checkpoint or a directory holding some.
+    'true' means the newest complete checkpoint in output_dir. When there is none, the run starts
+    fresh and logs it. A path must be a complete checkpoint or a directory that contains some.
     """
     if resume_from_checkpoint is None:
         return None

@@ -47,7 +47,7 @@ def flops_per_token(num_matmul_params: int) -> float:
     """Training FLOPs per token by the 6N rule (Kaplan et al., 2020): 2N forward + 4N backward.
 
     NOTE: the attention score and value products (12 * layers * hidden * seq per token, PaLM appendix B)
-    are left out, as in the plain 6N rule; at long sequences this understates the work done.
+    are left out, as in the plain 6N rule. At long sequences this understates the work done.
     Recompute adds a forward pass that is not counted either, so MFU stays comparable across settings.
     """
     return 6.0 * num_matmul_params

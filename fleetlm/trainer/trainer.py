@@ -166,11 +166,13 @@ class Trainer:
             self._describe_layouts(state.layout),
             spans,
         )
+
         rng = ckpt.load_rng_state(path, self.rank)
         if rng is not None and state.layout.get("world_size", self.topology.world_size) == self.topology.world_size:
             ckpt.restore_rng_state(rng)
         else:
             logger.warning("%s has no RNG state for rank %d in this layout; dropout draws will differ", path, self.rank)
+
         self.step = state.step
         if state.consumed_samples != state.step * self.plan.global_batch_size:
             logger.warning(
@@ -179,6 +181,7 @@ class Trainer:
                 state.consumed_samples, state.step, self.plan.global_batch_size, state.consumed_samples,
             )
         self.consumed_samples = state.consumed_samples
+
         # The saved scheduler state contains the rate of the old schedule, so recompute it for this run's
         # arguments (max_steps or decay_steps may have changed).
         self.scheduler.last_epoch = state.step - 1

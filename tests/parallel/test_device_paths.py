@@ -91,7 +91,8 @@ def test_unapplied_tokens_logged():
 
 def test_no_device_configs_for_data_parallel():
     configs, messages = device_dependent_configs(Layout(dp_degree=2), "", {}, cuda=True)
-    assert configs == {} and messages == []
+    assert configs == {}
+    assert messages == []
 
 
 def test_gpu_build_skips_cpu_compat(cuda_build, monkeypatch):

@@ -175,9 +175,11 @@ def test_sharding_splits_optimizer_state(runs):
     output_dir, _ = runs.get("stage2")
     checkpoint = os.path.join(output_dir, "checkpoint-2")
     files = sorted(os.listdir(checkpoint))
-    assert "optimizer.tp00_pp00_sd00.pdopt" in files and "optimizer.tp00_pp00_sd01.pdopt" in files
+    assert "optimizer.tp00_pp00_sd00.pdopt" in files
+    assert "optimizer.tp00_pp00_sd01.pdopt" in files
     owned = [set(paddle.load(os.path.join(checkpoint, f"optimizer.tp00_pp00_sd{s:02d}.pdopt"))["state"]) for s in (0, 1)]
-    assert owned[0] and owned[1]
+    assert owned[0]
+    assert owned[1]
     assert not owned[0] & owned[1]
 
 

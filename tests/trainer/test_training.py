@@ -115,7 +115,7 @@ def test_resume_after_sigkill_is_bitwise(pattern_tokens, tmp_path, uninterrupted
 def test_restart_without_resume_rejected(pattern_tokens, uninterrupted):
     result = run_pretrain(run_args(pattern_tokens, uninterrupted))
     assert result.returncode == 2
-    assert "already holds checkpoint-8" in result.stdout
+    assert "already contains checkpoint-8" in result.stdout
 
 
 def test_sharding_in_one_process_is_plain_training(pattern_tokens, tmp_path):
