@@ -122,8 +122,11 @@ class IndexedDatasetWriter:
         self.num_documents += 1
         self.num_tokens += num_tokens
 
-    def add_sequences(self, sizes: np.ndarray, document_index: np.ndarray, token_bytes: Iterable[bytes]) -> None:
-        """Append whole documents from another file: its sizes, its document index, and its token bytes."""
+    def add_sequences(self, sizes: np.ndarray, document_index: np.ndarray, token_bytes: Iterable) -> None:
+        """Append whole documents: their sizes, their document index, and their tokens.
+
+        ``token_bytes`` holds bytes-like chunks: bytes, or arrays already in this file's dtype.
+        """
         for chunk in token_bytes:
             self._bin_file.write(chunk)
         self._flush_lists()

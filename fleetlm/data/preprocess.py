@@ -17,7 +17,14 @@ from typing import Iterator, NamedTuple, Optional, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from fleetlm.data.corpus import InvalidRecordError, RecordBlock, extract_text, iter_record_blocks, list_input_files
+from fleetlm.data.corpus import (
+    InvalidRecordError,
+    RecordBlock,
+    extract_text,
+    iter_record_blocks,
+    list_input_files,
+    plain_jsonl_texts,
+)
 from fleetlm.data.errors import DataError
 from fleetlm.data.indexed_dataset import IndexedDatasetWriter, token_dtype_for_vocab
 from fleetlm.tokenizer import Tokenizer, load_tokenizer
@@ -54,7 +61,7 @@ class PreprocessStats:
 class TaskResult(NamedTuple):
     """The documents of one task, ready to append to the token file."""
 
-    token_bytes: bytes  # little-endian ids of every document written, in order
+    tokens: np.ndarray  # ids of every document written, in order, in the file's little-endian dtype
     sizes: np.ndarray  # int32 tokens per document written
     records: int  # records in the task, documents and skipped ones alike
     documents_read: int
@@ -79,6 +86,16 @@ class TaskEncoder:
         texts: list[str] = []
         records = documents_read = empty_skipped = invalid_skipped = 0
         for block in blocks:
+            plain = plain_jsonl_texts(block, self.json_keys) if block.kind == "jsonl" else None
+            if plain is not None:
+                records += len(plain)
+                documents_read += len(plain)
+                for text in plain:
+                    if not text or text.isspace():
+                        empty_skipped += 1
+                    else:
+                        texts.append(text)
+                continue
             for record in block.records():
                 records += 1
                 if record.kind == "invalid":
@@ -100,14 +117,13 @@ class TaskEncoder:
                     continue
                 texts.append(text)
 
-        ids, sizes = self.tokenizer.encode_batch_flat(texts)
+        ids, sizes = self.tokenizer.encode_batch_flat(texts, self.dtype)
         if self.eos is not None:
             # Insert one EOS id at the end of each document: np.cumsum(sizes) are the end positions.
             ids = np.insert(ids, np.cumsum(sizes), self.eos)
             sizes = sizes + 1
-        # The cast cannot overflow: the dtype was chosen to hold every id of the vocabulary.
         return TaskResult(
-            token_bytes=ids.astype(self.dtype, copy=False).tobytes(),
+            tokens=ids,
             sizes=sizes.astype(np.int32),
             records=records,
             documents_read=documents_read,
@@ -118,7 +134,7 @@ class TaskEncoder:
 
     @staticmethod
     def _failed(message: str) -> TaskResult:
-        return TaskResult(b"", np.zeros(0, dtype=np.int32), 0, 0, 0, 0, message)
+        return TaskResult(np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.int32), 0, 0, 0, 0, message)
 
 
 _worker_encoder: Optional[TaskEncoder] = None
@@ -256,7 +272,7 @@ def _add_result(writer: IndexedDatasetWriter, stats: PreprocessStats, result: Ta
     if num_documents:
         # Every document is one sequence, so the document index is 0, 1, ..., num_documents.
         document_index = np.arange(num_documents + 1, dtype=np.int64)
-        writer.add_sequences(result.sizes, document_index, [result.token_bytes])
+        writer.add_sequences(result.sizes, document_index, [result.tokens])
     stats.documents_read += result.documents_read
     stats.empty_skipped += result.empty_skipped
     stats.invalid_skipped += result.invalid_skipped

@@ -118,3 +118,55 @@ def test_unpaired_surrogate_rejected_with_location(tmp_path):
     assert corpus.extract_text(records[0], ["text"]) == "fine"
     with pytest.raises(InvalidRecordError, match=r"line 2.*unpaired UTF-16 surrogate \(\\ud800\).*--skip_invalid"):
         corpus.extract_text(records[1], ["text"])
+
+
+PLAIN_LINES = [
+    '{"text": "To be, or not to be", "title": "Hamlet"}',
+    '{"title": "静夜思", "text": "床前明月光，\\n疑是地上霜。"}',
+    '{"text": "", "title": ""}',
+    '{"text": "tab\\there \\"quoted\\" \\u00e9 \\u4e2d", "title": "escapes"}',
+]
+# Lines the fast path hands back to extract_text, each with the reason.
+OTHER_LINES = {
+    "padded": ' {"text": "a", "title": "b"} ',
+    "crlf": '{"text": "a", "title": "b"}\r',
+    "blank": "",
+    "list value": '{"text": ["a", "b"], "title": "b"}',
+    "number value": '{"text": 5, "title": "b"}',
+    "missing key": '{"title": "b"}',
+    "array": '["a"]',
+    "two values": '{"text": "a", "title": "b"} {"text": "c", "title": "d"}',
+    "broken": '{"text": "a", "title": ',
+    "unpaired surrogate": '{"text": "\\ud800", "title": "b"}',
+    "surrogate pair": '{"text": "\\ud83d\\ude00", "title": "b"}',
+}
+
+
+def _block(lines: list, first_offset: int = 0, prefix: bytes = b"") -> corpus.RecordBlock:
+    return corpus.RecordBlock("jsonl", "corpus.jsonl", 1, first_offset, prefix + "\n".join(lines).encode() + b"\n")
+
+
+@pytest.mark.parametrize("keys", [["text"], ["title", "text"]])
+def test_plain_jsonl_texts_matches_extract_text(keys):
+    block = _block(PLAIN_LINES)
+    expected = [corpus.extract_text(record, keys) for record in block.records()]
+    assert corpus.plain_jsonl_texts(block, keys) == expected
+
+
+@pytest.mark.parametrize("reason", sorted(OTHER_LINES))
+def test_plain_jsonl_texts_declines_other_lines(reason):
+    assert corpus.plain_jsonl_texts(_block(PLAIN_LINES + [OTHER_LINES[reason]]), ["text", "title"]) is None
+
+
+def test_plain_jsonl_texts_declines_byte_order_mark_and_bad_utf8():
+    assert corpus.plain_jsonl_texts(_block(PLAIN_LINES, prefix=corpus._UTF8_BOM), ["text"]) is None
+    # A byte order mark in the middle of a file is not stripped by extract_text either: that line is invalid.
+    assert corpus.plain_jsonl_texts(_block(PLAIN_LINES, first_offset=10, prefix=corpus._UTF8_BOM), ["text"]) is None
+    bad = corpus.RecordBlock("jsonl", "corpus.jsonl", 1, 0, b'{"text": "\xff"}\n')
+    assert corpus.plain_jsonl_texts(bad, ["text"]) is None
+
+
+def test_plain_jsonl_texts_rejects_lines_that_parse_only_when_joined():
+    # Three invalid lines that make three objects if the block were parsed as one array.
+    lines = ['{"text": [{"text": "a"}', '{"text": "b"}]}', '{"text": "c"},{"text": "d"}']
+    assert corpus.plain_jsonl_texts(_block(lines), ["text"]) is None

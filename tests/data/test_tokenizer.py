@@ -3,6 +3,7 @@
 import os
 import shutil
 
+import numpy as np
 import pytest
 
 from conftest import TOKENIZER_DIR, TOKENIZERS
@@ -93,10 +94,13 @@ def test_encode_array_matches_encode(name):
 def test_encode_batch_flat_matches_encode(name):
     tokenizer = load_tokenizer(TOKENIZERS[name])
     texts = ["To be, or not to be", "", "春眠不觉晓，处处闻啼鸟。<|endoftext|>", " \n\n  end " * 40]
-    ids, lengths = tokenizer.encode_batch_flat(texts)
     expected = [tokenizer.encode(text) for text in texts]
-    assert lengths.tolist() == [len(item) for item in expected]
-    assert ids.tolist() == [token for item in expected for token in item]
+    # int64 by default, and the little-endian file dtypes that preprocessing asks for.
+    for dtype in (np.int64, np.dtype("<u2") if tokenizer.vocab_size <= 65536 else np.dtype("<i4")):
+        ids, lengths = tokenizer.encode_batch_flat(texts, dtype)
+        assert ids.dtype == dtype
+        assert lengths.tolist() == [len(item) for item in expected]
+        assert ids.tolist() == [token for item in expected for token in item]
 
 
 @pytest.mark.parametrize("name", sorted(TOKENIZERS))
