@@ -8,6 +8,7 @@ import pytest
 
 import fleetlm.data.blended_dataset as blended_dataset_module
 import fleetlm.data.gpt_dataset as gpt_dataset_module
+import fleetlm.data.index_cache as index_cache_module
 from fleetlm.data import DataError, build_pretraining_datasets
 from fleetlm.data.blended_dataset import build_blend_index
 from fleetlm.data.builder import parse_input_dir, parse_split, split_document_ranges
@@ -246,6 +247,44 @@ def test_cache_invalidated_by_new_data(tmp_path):
     train, _, _ = build_pretraining_datasets(prefix, "1", 16, seed=1, num_samples=(20, 0, 0))
     assert len(cache_entries(str(tmp_path))) == 2
     assert train.tokens_per_epoch == 1200
+
+
+def _truncate(path: str) -> None:
+    with open(path, "r+b") as handle:
+        handle.truncate(os.path.getsize(path) - 8)
+
+
+def _change_one_value(path: str) -> None:
+    array = np.load(path)
+    array.flat[-1] += 1
+    np.save(path, array)
+
+
+DAMAGE = {
+    "truncated array": ("-sample_index.npy", _truncate),
+    "changed array": ("-shuffle_index.npy", _change_one_value),
+    "missing array": ("-document_index.npy", os.remove),
+    "garbage description": (".json", lambda path: open(path, "w").write("{not json")),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_damaged_cache_entry_rebuilt(small_file, monkeypatch, damage):
+    expected, _, _ = build_pretraining_datasets(small_file, "1", 16, seed=1, num_samples=(50, 0, 0))
+    expected = [expected[i].copy() for i in range(50)]
+    (description,) = glob.glob(os.path.join(os.path.dirname(small_file), "index-cache", "*.json"))
+    suffix, apply = DAMAGE[damage]
+    apply(description.removesuffix(".json") + suffix)
+    warnings = []
+    monkeypatch.setattr(index_cache_module.logger, "warning", lambda message, *args: warnings.append(message % args))
+
+    train, _, _ = build_pretraining_datasets(small_file, "1", 16, seed=1, num_samples=(50, 0, 0))
+    assert len(warnings) == 1
+    assert warnings[0].startswith("rebuilding index small-train-")
+    assert all(np.array_equal(train[i], expected[i]) for i in range(50))
+    # The rebuilt entry is whole again: a third run reads it without a warning.
+    build_pretraining_datasets(small_file, "1", 16, seed=1, num_samples=(50, 0, 0))
+    assert len(warnings) == 1
 
 
 def test_data_cache_directory(small_file, tmp_path):
