@@ -58,6 +58,10 @@ RUNS = {
     "dp2_tp2": (4, "single", G8_TWO_READERS + ["--tensor_parallel_degree", "2"]),
     "tp2_pp2": (4, "single", G8_ONE_READER + ["--tensor_parallel_degree", "2", "--pipeline_parallel_degree", "2"]),
     "tp2_stage2": (4, "single", G8_TWO_READERS + ["--tensor_parallel_degree", "2", "--sharding", "stage2"]),
+    # Four readers: one eval batch of 4 holds the same samples as the reference's two batches of 2.
+    "dp2_stage2": (4, "single", ["--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1",
+                                 "--per_device_eval_batch_size", "1", "--eval_iters", "1", "--sharding", "stage2",
+                                 "--sharding_parallel_degree", "2"]),
     # Baichuan2 on the Baichuan-13B base: ALiBi slopes sliced per rank, NormHead over the vocabulary split.
     "single_baichuan2": (1, None, G8_ONE_READER + BAICHUAN2),
     "tp2_baichuan2": (2, "single_baichuan2", G8_ONE_READER + BAICHUAN2 + ["--tensor_parallel_degree", "2"]),
@@ -181,6 +185,17 @@ def test_sharding_splits_optimizer_state(runs):
     assert owned[0]
     assert owned[1]
     assert not owned[0] & owned[1]
+
+
+def test_sharding_with_data_parallel_layout(runs):
+    output_dir, _ = runs.get("dp2_stage2")
+    checkpoint = os.path.join(output_dir, "checkpoint-2")
+    with open(os.path.join(checkpoint, "trainer_state.json")) as f:
+        layout = json.load(f)["layout"]
+    assert (layout["dp_degree"], layout["sharding_degree"], layout["world_size"]) == (2, 2, 4)
+    files = sorted(os.listdir(checkpoint))
+    assert "optimizer.tp00_pp00_sd00.pdopt" in files
+    assert "optimizer.tp00_pp00_sd01.pdopt" in files
 
 
 def test_recompute_logged(runs):
