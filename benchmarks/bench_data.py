@@ -2,10 +2,11 @@
 
     python benchmarks/bench_data.py                      # all four tokenizers, 1 worker and 1 per core
     python benchmarks/bench_data.py --tokenizers gpt2 --workers 1 2 4 --corpus_mb 200
+    python benchmarks/bench_data.py --corpus poetry --index_tokens 1e7   # short Chinese documents only
 
-Preprocessing: every document of the bundled corpora (the Shakespeare plays cut into 100-line
-documents, each poem and chapter of examples/data/chinese-poetry) is written to a temporary .jsonl
-file, the whole set again and again until the file reaches ``--corpus_mb`` MB. ``tokenize_corpus``
+Preprocessing: every document of the bundled corpora (``--corpus``: the Shakespeare plays cut into
+100-line documents, each poem and chapter of examples/data/chinese-poetry, or both) is written to a
+temporary .jsonl file, the whole set again and again until the file reaches ``--corpus_mb`` MB. ``tokenize_corpus``
 then runs on that file end to end: reading, JSON parsing, tokenizing, writing .bin/.idx, and one
 tokenizer load in the main process, which is also timed on its own.
 
@@ -51,18 +52,21 @@ SHAKESPEARE_DIR = os.path.join(REPO_ROOT, "examples", "data", "shakespeare")
 POETRY_DIR = os.path.join(REPO_ROOT, "examples", "data", "chinese-poetry")
 
 
-def bundled_documents() -> list[str]:
-    """Return the plays as 100-line documents, then every poem and chapter of the poetry files."""
+def bundled_documents(corpus: str = "mixed") -> list[str]:
+    """Return the plays as 100-line documents ("plays"), every poem and chapter of the poetry files
+    ("poetry"), or both, plays first ("mixed")."""
     documents = []
-    for name in sorted(os.listdir(SHAKESPEARE_DIR)):
-        if name.endswith(".txt"):
-            with open(os.path.join(SHAKESPEARE_DIR, name), encoding="utf-8") as handle:
-                lines = handle.read().split("\n")
-            documents += ["\n".join(lines[i : i + 100]) for i in range(0, len(lines), 100)]
-    for name in sorted(os.listdir(POETRY_DIR)):
-        if name.endswith(".json"):
-            with open(os.path.join(POETRY_DIR, name), encoding="utf-8") as handle:
-                documents += ["\n".join(record["paragraphs"]) for record in json.load(handle)]
+    if corpus in ("mixed", "plays"):
+        for name in sorted(os.listdir(SHAKESPEARE_DIR)):
+            if name.endswith(".txt"):
+                with open(os.path.join(SHAKESPEARE_DIR, name), encoding="utf-8") as handle:
+                    lines = handle.read().split("\n")
+                documents += ["\n".join(lines[i : i + 100]) for i in range(0, len(lines), 100)]
+    if corpus in ("mixed", "poetry"):
+        for name in sorted(os.listdir(POETRY_DIR)):
+            if name.endswith(".json"):
+                with open(os.path.join(POETRY_DIR, name), encoding="utf-8") as handle:
+                    documents += ["\n".join(record["paragraphs"]) for record in json.load(handle)]
     return [document for document in documents if document.strip()]
 
 
@@ -177,6 +181,9 @@ def main() -> None:
     parser.add_argument("--tokenizers", nargs="+", default=list(TOKENIZERS), choices=list(TOKENIZERS))
     parser.add_argument("--workers", nargs="+", type=int, default=sorted({1, os.cpu_count() or 1}),
                         help="worker counts to run (default: 1 and the number of CPUs)")
+    parser.add_argument("--corpus", default="mixed", choices=["mixed", "plays", "poetry"],
+                        help="documents to repeat: the plays in 100-line documents (about 2,700 characters each), "
+                             "the poems (about 120 characters each), or both")
     parser.add_argument("--corpus_mb", type=float, default=100,
                         help="size of the generated .jsonl corpus in MB; large enough to amortize the tokenizer load")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each measurement; the fastest is reported")
@@ -185,7 +192,7 @@ def main() -> None:
     args = parser.parse_args()
 
     print(f"python {sys.version.split()[0]}, numpy {np.__version__}, {os.cpu_count()} CPUs")
-    documents = bundled_documents()
+    documents = bundled_documents(args.corpus)
     with tempfile.TemporaryDirectory() as directory:
         corpus = os.path.join(directory, "corpus.jsonl")
         copies = write_corpus(corpus, documents, args.corpus_mb)
