@@ -1,12 +1,13 @@
 """Entry point of ``run_pretrain.py``: validate, start fleet, build data and model, train, evaluate.
 
 Exit codes: 0 success, 2 invalid arguments or data (nothing written), 3 a non-finite loss,
-1 anything else.
+130 stopped by SIGINT (Ctrl-C), 143 stopped by SIGTERM, 1 anything else.
 """
 
 import os
 import pickle
 import random
+import signal
 import sys
 from typing import List, Optional
 
@@ -17,6 +18,8 @@ logger = get_logger(__name__)
 
 EXIT_CONFIG = 2
 EXIT_NON_FINITE = 3
+# Shells report a process ended by signal N as 128 + N; a run stopped on SIGINT or SIGTERM exits with it too.
+EXIT_SIGNAL_BASE = 128
 # Sharding stage 3 slices only parameters with more elements than this (Paddle's default: 2**20);
 # tests lower it so the tiny model's parameters are sliced too.
 STAGE3_SEGMENT_SIZE_ENV = "FLEETLM_STAGE3_SEGMENT_SIZE"
@@ -27,6 +30,23 @@ def _fail(message: str, code: int) -> int:
     if process_rank() == 0:
         logger.error("%s", message)
     return code
+
+
+def _report_interrupt(signal_number: int, trainer, output_dir: str, max_steps: int) -> int:
+    """Log one line with the step reached, the latest complete checkpoint and how to resume; return 128 + signal."""
+    from fleetlm.trainer import checkpoint as ckpt
+
+    name = signal.Signals(signal_number).name
+    where = f"at step {trainer.step} of {max_steps}" if trainer is not None else "before training started"
+    checkpoints = ckpt.list_checkpoints(output_dir)
+    if checkpoints:
+        step, path = checkpoints[-1]
+        saved = (f"The latest complete checkpoint is {path} (step {step}); continue from it with "
+                 "--resume_from_checkpoint true.")
+    else:
+        saved = f"No checkpoint was saved in {output_dir}, so a rerun starts from step 0."
+    logger.warning("run interrupted by %s %s. %s", name, where, saved)
+    return EXIT_SIGNAL_BASE + signal_number
 
 
 def _seed_everything(seed: int) -> None:
@@ -69,23 +89,53 @@ def build_datasets(args: Arguments, plan, topology, resume_state=None):
     )
 
 
+class _RunProgress:
+    """Objects ``_run`` has built so far, for the report when a signal stops it."""
+
+    trainer = None
+
+
 def run(args: Arguments) -> int:
     """Run one validated job on this rank; returns the process exit code."""
+    from fleetlm.trainer.interrupt import RunInterrupted
+
+    progress = _RunProgress()
+    try:
+        return _run(args, progress)
+    except RunInterrupted as e:
+        signal_number = e.signal_number
+    except KeyboardInterrupt:
+        # SIGINT in a caller that did not install main()'s handlers.
+        signal_number = signal.SIGINT
+    return _report_interrupt(signal_number, progress.trainer, args.training.output_dir, args.training.max_steps)
+
+
+def _run(args: Arguments, progress: _RunProgress) -> int:
+    """Validate, build and train; store the trainer in ``progress`` once it has resumed."""
     from fleetlm.data import DataError
     from fleetlm.parallel.topology import init_topology
     from fleetlm.trainer import checkpoint as ckpt
     from fleetlm.trainer.trainer import NonFiniteLossError
-    from fleetlm.validate import plan_run
+    from fleetlm.validate import eval_repeat_warning, plan_run, warmup_warning
 
     from fleetlm.data.token_range import check_token_ids
 
+    def verify_resumable(path: str) -> None:
+        _check_resume(path, args, plan)
+        ckpt.verify_file_sizes(path)
+
     try:
         plan = plan_run(args, world_size())
-        resume_path = ckpt.resolve_resume_path(args.training.resume_from_checkpoint, args.training.output_dir)
+        resume_path = ckpt.resolve_resume_path(
+            args.training.resume_from_checkpoint, args.training.output_dir, verify_resumable
+        )
         resume_state = _check_resume(resume_path, args, plan) if resume_path else None
         check_token_ids(args.data.input_dir, plan.model_config.vocab_size, args.data.data_cache)
     except (ConfigError, ckpt.CheckpointError, DataError) as e:
         return _fail(str(e), EXIT_CONFIG)
+    warning = warmup_warning(args)
+    if warning and process_rank() == 0:
+        logger.warning("%s", warning)
     for key, value in args.ignored.items():
         logger.info("ignoring PaddleNLP argument %s=%r: %s", key, value, _ignored_reason(key))
 
@@ -99,6 +149,10 @@ def run(args: Arguments) -> int:
         plan.layout, t.seed, plan.batch.micro_batch_size, plan.batch.accumulation_steps, t.sharding, option_strings
     )
     logger.info("layout: %s", plan.layout.describe())
+    try:
+        _check_same_resume_step(resume_state, topology)
+    except ckpt.CheckpointError as e:
+        return _fail(str(e), EXIT_CONFIG)
 
     try:
         train_ds, valid_ds, test_ds = build_datasets(args, plan, topology, resume_state)
@@ -109,6 +163,10 @@ def run(args: Arguments) -> int:
         *(len(d) if d is not None else 0 for d in (train_ds, valid_ds, test_ds)),
         args.data.max_seq_length,
     )
+    for dataset, split_name in ((valid_ds, "valid"), (test_ds, "test")):
+        warning = eval_repeat_warning(args, dataset, split_name, plan.layout.data_parallel_width) if dataset is not None else None
+        if warning and topology.rank == 0:
+            logger.warning("%s", warning)
 
     try:
         trainer = build_trainer(args, plan, topology, train_ds, valid_ds, test_ds)
@@ -122,12 +180,14 @@ def run(args: Arguments) -> int:
         except ckpt.CheckpointError as e:
             return _fail(str(e), EXIT_CONFIG)
         except (ValueError, EOFError, pickle.UnpicklingError) as e:
-            # paddle.load and pickle raise these on a truncated or overwritten file.
+            # paddle.load and pickle raise these on a damaged file; its size matched the saved one
+            # (verify_file_sizes), so the damage is inside it.
             return _fail(
                 f"cannot load checkpoint {resume_path} ({type(e).__name__}: {e}); a file in it is damaged. "
                 "Resume from an older checkpoint: --resume_from_checkpoint OUTPUT_DIR/checkpoint-STEP.",
                 EXIT_CONFIG,
             )
+    progress.trainer = trainer
 
     try:
         if args.training.do_train:
@@ -216,6 +276,33 @@ def _check_resume(path: str, args: Arguments, plan):
     return state
 
 
+def _check_same_resume_step(resume_state, topology) -> None:
+    """Raise CheckpointError unless every rank chose a checkpoint of the same step (or none).
+
+    Each rank picks the checkpoint by checking the same files in the same order, so they agree unless
+    a file reads differently on different ranks (a node without the shared file system, a copy in
+    progress). Resuming from different steps would silently mix two training states.
+    """
+    if not topology.is_distributed:
+        return
+    import paddle
+    import paddle.distributed as dist
+
+    from fleetlm.trainer.checkpoint import CheckpointError
+
+    step = resume_state.step if resume_state is not None else -1
+    gathered: List = []
+    dist.all_gather(gathered, paddle.to_tensor([step], dtype="int64"))
+    steps = [int(tensor.item()) for tensor in gathered]
+    if len(set(steps)) > 1:
+        listing = ", ".join(f"rank {rank}: {step if step >= 0 else 'none'}" for rank, step in enumerate(steps))
+        raise CheckpointError(
+            f"ranks chose checkpoints of different steps to resume from ({listing}). A checkpoint file reads "
+            "differently on different ranks; check that output_dir is on a file system that every node shares "
+            "and that nothing writes to it, then retry."
+        )
+
+
 def _ignored_reason(key: str) -> str:
     from fleetlm.arguments import IGNORED_KEYS
 
@@ -240,4 +327,15 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 0
     except ConfigError as e:
         return _fail(str(e), EXIT_CONFIG)
-    return run(args)
+
+    # SIGINT and SIGTERM end the run with one line of where it stopped instead of a traceback.
+    # Paddle's import installs its own SIGTERM handler, which fleetlm's must replace.
+    import paddle  # noqa: F401
+
+    from fleetlm.trainer import interrupt
+
+    restore_handlers = interrupt.install(defer=world_size() > 1)
+    try:
+        return run(args)
+    finally:
+        restore_handlers()

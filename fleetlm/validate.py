@@ -7,11 +7,14 @@ the same verdict without communicating. Rank 0 prints it and all ranks exit non-
 import os
 from dataclasses import dataclass
 
+from typing import Optional
+
 from fleetlm.arguments import Arguments, ConfigError
+from fleetlm.data.blended_dataset import BlendedDataset
 from fleetlm.models.config import ModelConfig, load_model_config
-from fleetlm.parallel.plan import plan_for
 from fleetlm.parallel.topology import Layout, resolve_layout
 from fleetlm.trainer.checkpoint import list_checkpoints
+from fleetlm.trainer.lr import resolve_warmup_steps
 from fleetlm.trainer.trainer import BatchPlan
 from fleetlm.utils.log import get_logger
 
@@ -32,15 +35,6 @@ def _check_parallel_options(args: Arguments, layout: Layout, model_config: Model
     t, m = args.training, args.model
     tp, pp, vpp = layout.tp_degree, layout.pp_degree, m.virtual_pp_degree
 
-    plan = plan_for(model_config.model_type)
-    if not plan.plain_backbone:
-        for key, value, off in (("pipeline_parallel_degree", pp, 1), ("sequence_parallel", t.sequence_parallel, False)):
-            if value != off:
-                raise ConfigError(
-                    f"{key}={value} is not available for model_type '{model_config.model_type}': its backbone adds "
-                    "position embeddings or position ids around the blocks, which pipeline stages and the "
-                    "sequence-parallel split do not reproduce. Use tensor, data or sharding parallelism."
-                )
     if t.sharding_parallel_degree > 1 and not t.sharding:
         raise ConfigError(
             f"sharding_parallel_degree={t.sharding_parallel_degree} needs a sharding stage; set --sharding stage1, "
@@ -168,6 +162,60 @@ def plan_run(args: Arguments, world_size: int) -> RunPlan:
     if args.model.tokenizer_name_or_path:
         _check_tokenizer(args.model.tokenizer_name_or_path, model_config)
     return RunPlan(model_config=model_config, layout=layout, batch=batch)
+
+
+def warmup_warning(args: Arguments) -> Optional[str]:
+    """Return a warning when the warmup is longer than the run, so the learning rate never peaks."""
+    t = args.training
+    warmup = resolve_warmup_steps(t)
+    if not t.do_train or warmup <= t.max_steps:
+        return None
+    source = f"warmup_steps={warmup}" if t.warmup_steps > 0 else f"warmup_ratio={t.warmup_ratio} gives {warmup} steps, which"
+    # The rate of step t (1-based) during warmup is learning_rate * t / warmup, so the last step's is the highest.
+    fraction = t.max_steps / warmup
+    return (
+        f"{source} is larger than max_steps={t.max_steps}: the learning rate rises for the whole run and peaks at "
+        f"{fraction:.1%} of learning_rate={t.learning_rate:g} ({t.learning_rate * fraction:.3g}) on the last step. "
+        f"Set warmup_steps to at most {t.max_steps} for the schedule to reach learning_rate."
+    )
+
+
+def distinct_samples(dataset) -> int:
+    """Return how many leading samples of a GPTDataset or BlendedDataset come from one pass over its tokens.
+
+    A GPTDataset that needs more samples than that starts another epoch, so its later samples
+    repeat documents already read. A blend repeats from its first sample whose source has passed
+    that point.
+    """
+    if isinstance(dataset, BlendedDataset):
+        one_pass = [distinct_samples(source) if source is not None else 0 for source in dataset.datasets]
+        beyond = [i for i, (source, number) in enumerate(zip(dataset.source_index, dataset.source_sample_index))
+                  if number >= one_pass[source]]
+        return beyond[0] if beyond else len(dataset)
+    # One epoch of T tokens contains (T - 1) // S samples of S + 1 tokens (fleetlm.data.gpt_dataset.epochs_needed).
+    return min(len(dataset), (dataset.tokens_per_epoch - 1) // dataset.seq_length)
+
+
+def eval_repeat_warning(args: Arguments, dataset, split_name: str, data_parallel_width: int) -> Optional[str]:
+    """Return a warning when one evaluation reads more samples than ``dataset`` contains without repeating."""
+    t = args.training
+    per_iteration = t.per_device_eval_batch_size * data_parallel_width
+    needed = t.eval_iters * per_iteration
+    distinct = distinct_samples(dataset)
+    if distinct >= needed:
+        return None
+    if distinct >= per_iteration:
+        fix = f"set eval_iters to at most {distinct // per_iteration} to read each sample once"
+    elif distinct >= data_parallel_width:
+        fix = (f"even eval_iters=1 reads {per_iteration}; lower per_device_eval_batch_size to at most "
+               f"{distinct // data_parallel_width} or give the {split_name} split a larger weight in split")
+    else:
+        fix = f"give the {split_name} split a larger weight in split"
+    return (
+        f"the {split_name} set has {distinct} distinct samples, but each evaluation reads eval_iters={t.eval_iters} x "
+        f"per_device_eval_batch_size={t.per_device_eval_batch_size} x data-parallel degree {data_parallel_width} = "
+        f"{needed}, so samples repeat within one evaluation; {fix}."
+    )
 
 
 def _check_output_dir(output_dir: str) -> None:

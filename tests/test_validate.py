@@ -111,6 +111,13 @@ def test_model_overrides_applied():
         (["--tensor_parallel_degree", "2", "--sequence_parallel", "true", "--sharding", "stage3"], 4, (1, 2, 1, 2)),
         (["--pipeline_parallel_degree", "4", "--virtual_pp_degree", "2", "--num_hidden_layers", "8",
           "--gradient_accumulation_steps", "8"], 4, (1, 1, 4, 1)),
+        # Backbones with steps outside the blocks (learned positions, embedding norm, position ids).
+        *[(["--model_name_or_path", f"fleetlm/tiny-{family}", "--pipeline_parallel_degree", "2",
+            "--gradient_accumulation_steps", "2"], 2, (1, 1, 2, 1)) for family in ("gpt", "opt", "bloom", "chatglm", "glm")],
+        *[(["--model_name_or_path", f"fleetlm/tiny-{family}", "--tensor_parallel_degree", "2",
+            "--sequence_parallel", "true"], 2, (1, 2, 1, 1)) for family in ("gpt", "opt", "bloom", "chatglm", "glm")],
+        (["--model_name_or_path", "fleetlm/tiny-bloom", "--pipeline_parallel_degree", "4", "--virtual_pp_degree", "2",
+          "--num_hidden_layers", "8", "--gradient_accumulation_steps", "8"], 4, (1, 1, 4, 1)),
     ],
 )
 def test_parallel_layouts_accepted(argv, world_size, degrees):
@@ -137,3 +144,55 @@ def test_output_dir_that_is_a_file_rejected(tmp_path):
         plan("--output_dir", str(path))
     with pytest.raises(ConfigError, match="cannot be created"):
         plan("--output_dir", str(path / "sub"))
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--max_steps", "4", "--warmup_steps", "10"],
+         "warmup_steps=10 is larger than max_steps=4: the learning rate rises for the whole run and peaks at 40.0% of "
+         "learning_rate=0.0003 (0.00012) on the last step. Set warmup_steps to at most 4"),
+        (["--max_steps", "4", "--warmup_steps", "4"], None),
+        (["--max_steps", "4", "--warmup_steps", "10", "--do_train", "false", "--do_eval", "true"], None),
+        (["--max_steps", "10", "--warmup_ratio", "0.9"], None),
+    ],
+)
+def test_warmup_longer_than_run_warned(argv, expected):
+    from fleetlm.validate import warmup_warning
+
+    warning = warmup_warning(parse_arguments(argv))
+    if expected is None:
+        assert warning is None
+    else:
+        assert warning.startswith(expected)
+
+
+def eval_warning(tokens, *argv, world_size=1):
+    from fleetlm.data import build_pretraining_datasets
+    from fleetlm.validate import eval_repeat_warning
+
+    args = parse_arguments(["--input_dir", tokens, "--split", "95,5", "--max_seq_length", "32", "--do_eval", "true",
+                            *argv])
+    t = args.training
+    width = plan_run(args, world_size).layout.data_parallel_width
+    needed = t.eval_iters * t.per_device_eval_batch_size * width
+    _, valid, _ = build_pretraining_datasets(tokens, "95,5", 32, t.seed, (0, needed, 0))
+    return eval_repeat_warning(args, valid, "valid", width), valid
+
+
+def test_eval_set_smaller_than_one_evaluation_warned(pattern_tokens):
+    # The valid split (documents 285..299) contains 2678 tokens: (2678 - 1) // 32 = 83 samples of 33 tokens.
+    warning, valid = eval_warning(pattern_tokens, "--eval_iters", "10", "--per_device_eval_batch_size", "9")
+    assert valid.tokens_per_epoch == 2678
+    assert valid.num_epochs == 2
+    assert warning == (
+        "the valid set has 83 distinct samples, but each evaluation reads eval_iters=10 x per_device_eval_batch_size=9 "
+        "x data-parallel degree 1 = 90, so samples repeat within one evaluation; set eval_iters to at most 9 to read "
+        "each sample once."
+    )
+    warning, valid = eval_warning(pattern_tokens, "--eval_iters", "9", "--per_device_eval_batch_size", "9")
+    assert warning is None
+    assert valid.num_epochs == 1
+    warning, _ = eval_warning(pattern_tokens, "--eval_iters", "1", "--per_device_eval_batch_size", "50", world_size=2)
+    assert "= 100, so samples repeat" in warning
+    assert "even eval_iters=1 reads 100; lower per_device_eval_batch_size to at most 41" in warning

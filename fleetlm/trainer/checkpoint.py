@@ -6,7 +6,7 @@ Layout of ``OUTPUT_DIR/checkpoint-STEP/``:
     optimizer.tp*_pp*_sd*.pdopt   AdamW moments, beta powers and the LR scheduler state, per shard
                                   (format and resharding: fleetlm.trainer.sharded_checkpoint)
     rng_state_rank{R}.pkl         Python, NumPy and Paddle generator states of global rank R
-    trainer_state.json            format version, step, consumed samples, layout; written last
+    trainer_state.json            format version, step, consumed samples, layout, file sizes; written last
     config.json                   the resolved arguments and model architecture of the run
 
 Atomicity: every rank writes into ``checkpoint-STEP.tmp``; after a barrier rank 0 writes
@@ -15,7 +15,14 @@ file system is atomic, so a process killed at any moment leaves either the previ
 complete checkpoints or the new one, never a half-written ``checkpoint-STEP``. Leftover ``.tmp``
 directories are removed at the next start. Old checkpoints beyond ``save_total_limit`` are first
 renamed to ``.deleting`` and then removed, so a kill during deletion cannot leave a damaged
-checkpoint under a complete name.
+checkpoint under a complete name. Rotation counts only checkpoints up to the step just saved: a
+newer one left by an earlier attempt (for example one that was skipped as damaged on resume) is
+neither counted nor removed until this run saves the same step again and replaces it.
+
+A complete checkpoint can still be damaged later (a truncated or partial copy, a failing disk).
+trainer_state.json lists every file of the checkpoint with its size, and a resume compares them
+first. With ``resume_from_checkpoint=true`` a checkpoint whose files differ is skipped for the next
+older one, with a warning that names the file; the damaged one is left in place.
 """
 
 import json
@@ -30,7 +37,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import numpy as np
 import paddle
 
-from fleetlm.utils.log import get_logger
+from fleetlm.utils.log import get_logger, process_rank
 
 logger = get_logger(__name__)
 
@@ -41,6 +48,20 @@ TRAINER_STATE = "trainer_state.json"
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used: the message names its path and what is wrong."""
+
+
+class DamagedCheckpointError(CheckpointError):
+    """A file of a complete checkpoint cannot be read: truncated, overwritten or unreadable."""
+
+    def __init__(self, checkpoint: str, file_name: str, reason: str):
+        self.checkpoint = checkpoint
+        self.file_name = file_name
+        self.reason = reason
+        super().__init__(
+            f"cannot load checkpoint {checkpoint}: {file_name} is damaged ({reason}). Resume from an older "
+            "checkpoint with --resume_from_checkpoint OUTPUT_DIR/checkpoint-STEP, or with "
+            "--resume_from_checkpoint true, which skips damaged checkpoints."
+        )
 
 
 @dataclass
@@ -136,11 +157,15 @@ def save_checkpoint(
     if rank == 0:
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
             json.dump(run_config, f, indent=2, sort_keys=True)
+        _fsync_file(os.path.join(tmp, "config.json"))
         trainer_state = {
             "format_version": FORMAT_VERSION,
             "step": state.step,
             "consumed_samples": state.consumed_samples,
             "layout": state.layout,
+            # Every rank's files are written and synced (barrier above): their sizes let a resume
+            # find a truncated or missing file without reading the files.
+            "files": {name: os.path.getsize(os.path.join(tmp, name)) for name in sorted(os.listdir(tmp))},
         }
         with open(os.path.join(tmp, TRAINER_STATE), "w", encoding="utf-8") as f:
             json.dump(trainer_state, f, indent=2)
@@ -150,7 +175,7 @@ def save_checkpoint(
         _fsync_dir(output_dir)
         logger.info("saved checkpoint %s (step %d, %d samples consumed)", final, state.step, state.consumed_samples)
         if save_total_limit > 0:
-            _rotate(output_dir, save_total_limit)
+            _rotate(output_dir, save_total_limit, state.step)
     barrier()
     return final
 
@@ -159,13 +184,18 @@ def _commit(tmp: str, final: str) -> None:
     """Rename the finished temporary directory to its final name (the moment the checkpoint exists)."""
     if os.path.exists(final):
         # A checkpoint of the same step from an earlier attempt: replace it, old copy out of the way first.
+        logger.warning("replacing %s, written by an earlier run that reached this step", final)
         os.rename(final, final + ".deleting")
         shutil.rmtree(final + ".deleting")
     os.rename(tmp, final)
 
 
-def _rotate(output_dir: str, keep: int) -> None:
-    for _, path in list_checkpoints(output_dir)[:-keep]:
+def _rotate(output_dir: str, keep: int, saved_step: int) -> None:
+    """Remove all but the ``keep`` newest checkpoints up to ``saved_step``; never the one just saved."""
+    # Checkpoints after saved_step come from an earlier attempt that got further, typically one that
+    # resume skipped as damaged. Counting them could delete every good checkpoint and keep only them.
+    earlier = [(step, path) for step, path in list_checkpoints(output_dir) if step <= saved_step]
+    for _, path in earlier[:-keep]:
         doomed = path + ".deleting"
         os.rename(path, doomed)
         shutil.rmtree(doomed)
@@ -180,8 +210,12 @@ def read_trainer_state(path: str) -> TrainerState:
     try:
         with open(state_path, encoding="utf-8") as f:
             raw = json.load(f)
+    except (OSError, UnicodeDecodeError) as e:
+        raise DamagedCheckpointError(path, TRAINER_STATE, f"{type(e).__name__}: {e}") from None
     except json.JSONDecodeError as e:
-        raise CheckpointError(f"{state_path} is not valid JSON ({e.msg}); the checkpoint is damaged.") from None
+        raise DamagedCheckpointError(path, TRAINER_STATE, f"not valid JSON: {e.msg}") from None
+    if not isinstance(raw, dict):
+        raise DamagedCheckpointError(path, TRAINER_STATE, f"expected a JSON object, found {type(raw).__name__}")
     if raw.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(
             f"{state_path} has format_version {raw.get('format_version')!r}; this fleetlm reads version {FORMAT_VERSION}."
@@ -189,10 +223,36 @@ def read_trainer_state(path: str) -> TrainerState:
     for key in ("step", "consumed_samples"):
         value = raw.get(key)
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise CheckpointError(f"{state_path} has {key}={value!r}, not a non-negative integer; the checkpoint is damaged.")
+            raise DamagedCheckpointError(path, TRAINER_STATE, f"it has {key}={value!r}, not a non-negative integer")
     if not isinstance(raw.get("layout"), dict):
-        raise CheckpointError(f"{state_path} has no layout object; the checkpoint is damaged.")
+        raise DamagedCheckpointError(path, TRAINER_STATE, "it has no layout object")
     return TrainerState(step=raw["step"], consumed_samples=raw["consumed_samples"], layout=raw["layout"])
+
+
+def verify_file_sizes(path: str) -> None:
+    """Check that every file listed in the checkpoint's trainer_state.json has the size it had when saved.
+
+    Raises DamagedCheckpointError naming the first missing or resized file, in name order, so
+    every rank that sees the same files reaches the same verdict. Only sizes are compared (a
+    stat per file, no reads), which finds truncated copies and missing shards at any model size;
+    a file damaged inside at its saved size fails later, when it is loaded.
+    Checkpoints saved before sizes were recorded only need their model and optimizer files.
+    """
+    with open(os.path.join(path, TRAINER_STATE), encoding="utf-8") as f:
+        sizes = json.load(f).get("files")
+    if not isinstance(sizes, dict):
+        names = os.listdir(path)
+        for kind, prefix in (("model", "model_state"), ("optimizer", "optimizer")):
+            if not any(name.startswith(prefix) for name in names):
+                raise DamagedCheckpointError(path, f"{prefix}*", f"no {kind} file in the checkpoint")
+        return
+    for name, size in sorted(sizes.items()):
+        try:
+            actual = os.path.getsize(os.path.join(path, name))
+        except OSError as e:
+            raise DamagedCheckpointError(path, name, f"{type(e).__name__}: {e.strerror}") from None
+        if actual != size:
+            raise DamagedCheckpointError(path, name, f"{actual} bytes, but {size} were saved")
 
 
 def load_rng_state(path: str, rank: int) -> Optional[Dict[str, Any]]:
@@ -203,27 +263,64 @@ def load_rng_state(path: str, rank: int) -> Optional[Dict[str, Any]]:
         return pickle.load(f)
 
 
-def resolve_resume_path(resume_from_checkpoint: Optional[str], output_dir: str) -> Optional[str]:
+def resolve_resume_path(
+    resume_from_checkpoint: Optional[str],
+    output_dir: str,
+    verify: Optional[Callable[[str], Any]] = None,
+) -> Optional[str]:
     """Turn the resume_from_checkpoint argument into a checkpoint directory, or None to start fresh.
 
-    'true' means the newest complete checkpoint in output_dir. When there is none, the run starts
-    fresh and logs it. A path must be a complete checkpoint or a directory that contains some.
+    ``verify(path)`` checks the checkpoint's files and raises DamagedCheckpointError for one that
+    cannot be read. 'true' means the newest complete checkpoint in output_dir that passes
+    ``verify``; a damaged newer one is skipped with a warning on rank 0 and left in place. When there
+    is no checkpoint, the run starts fresh and logs it. A path must be a complete checkpoint, or a
+    directory that contains some, and is never replaced by another, so damage in it is an error.
+    The choice depends only on the files, so every rank that sees the same files makes it.
     """
     if resume_from_checkpoint is None:
         return None
     if resume_from_checkpoint.lower() == "true":
-        path = latest_checkpoint(output_dir)
-        if path is None:
-            logger.info("resume_from_checkpoint=true: no complete checkpoint in %s, starting from step 0", output_dir)
-        return path
+        return _newest_readable(output_dir, verify)
     if not os.path.isdir(resume_from_checkpoint):
         raise CheckpointError(
             f"resume_from_checkpoint='{resume_from_checkpoint}' is not a directory; pass a checkpoint-STEP "
             "directory, an output_dir that holds some, or true."
         )
     if os.path.isfile(os.path.join(resume_from_checkpoint, TRAINER_STATE)):
-        return resume_from_checkpoint
-    path = latest_checkpoint(resume_from_checkpoint)
-    if path is None:
-        raise CheckpointError(f"resume_from_checkpoint='{resume_from_checkpoint}' contains no complete checkpoint.")
+        path = resume_from_checkpoint
+    else:
+        path = latest_checkpoint(resume_from_checkpoint)
+        if path is None:
+            raise CheckpointError(f"resume_from_checkpoint='{resume_from_checkpoint}' contains no complete checkpoint.")
+    if verify is not None:
+        verify(path)
     return path
+
+
+def _newest_readable(output_dir: str, verify: Optional[Callable[[str], Any]]) -> Optional[str]:
+    """Return the newest complete checkpoint in output_dir that ``verify`` accepts, None when there is none."""
+    checkpoints = list_checkpoints(output_dir)
+    if not checkpoints:
+        logger.info("resume_from_checkpoint=true: no complete checkpoint in %s, starting from step 0", output_dir)
+        return None
+    damaged: List[DamagedCheckpointError] = []
+    for _, path in reversed(checkpoints):
+        try:
+            if verify is not None:
+                verify(path)
+        except DamagedCheckpointError as e:
+            damaged.append(e)
+            continue
+        if process_rank() == 0:
+            for error in damaged:
+                logger.warning(
+                    "resume_from_checkpoint=true: skipping damaged checkpoint %s (%s: %s); resuming from %s "
+                    "instead. The damaged checkpoint is left in place.",
+                    error.checkpoint, error.file_name, error.reason, path,
+                )
+        return path
+    listing = "; ".join(f"{e.checkpoint}: {e.file_name} ({e.reason})" for e in damaged)
+    raise CheckpointError(
+        f"resume_from_checkpoint=true: every complete checkpoint in {output_dir} is damaged ({listing}). "
+        "Restore a checkpoint from a copy, or start a new run in another output_dir."
+    )

@@ -41,8 +41,13 @@ class WarmupDecayLR(LRScheduler):
         return self.min_lr + (self.max_lr - self.min_lr) * (1.0 - progress)
 
 
+def resolve_warmup_steps(args) -> int:
+    """Return the warmup length in optimizer steps: warmup_steps when set, else warmup_ratio x max_steps."""
+    return args.warmup_steps if args.warmup_steps > 0 else int(args.warmup_ratio * args.max_steps)
+
+
 def build_lr_scheduler(args) -> WarmupDecayLR:
     """Build the schedule from TrainingArguments (warmup_steps wins over warmup_ratio)."""
-    warmup = args.warmup_steps if args.warmup_steps > 0 else int(args.warmup_ratio * args.max_steps)
+    warmup = resolve_warmup_steps(args)
     decay = args.decay_steps if args.decay_steps > 0 else args.max_steps
     return WarmupDecayLR(args.learning_rate, args.min_learning_rate, warmup, decay, args.lr_scheduler_type)

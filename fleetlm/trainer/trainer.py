@@ -28,6 +28,7 @@ from fleetlm.parallel.clip import NonFiniteGradientError
 from fleetlm.parallel.engine import ParallelOptions, parallelize
 from fleetlm.parallel.topology import Topology
 from fleetlm.trainer import checkpoint as ckpt
+from fleetlm.trainer import interrupt
 from fleetlm.trainer import precision as amp
 from fleetlm.trainer import sharded_checkpoint as shards
 from fleetlm.trainer.lr import build_lr_scheduler
@@ -409,6 +410,12 @@ class Trainer:
 
             if args.save_steps > 0 and (self.step % args.save_steps == 0 or self.step == args.max_steps):
                 self.save()
+
+            # A deferred SIGINT or SIGTERM on any rank stops every rank here, after the same step.
+            signal_number = interrupt.stop_requested(self.topology.is_distributed)
+            if signal_number is not None:
+                bar.close()
+                raise interrupt.RunInterrupted(signal_number)
         bar.close()
 
         if args.do_predict and self.test_dataset is not None:

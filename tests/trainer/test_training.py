@@ -189,3 +189,104 @@ def test_damaged_checkpoint_rejected_with_path(pattern_tokens, uninterrupted, tm
     result = run_pretrain(run_args(pattern_tokens, str(tmp_path / "out"), "--resume_from_checkpoint", str(damaged)))
     assert result.returncode == 2
     assert "has step='6', not a non-negative integer" in result.stdout
+
+
+def copy_checkpoints(source_dir, target_dir):
+    import shutil
+
+    for name in os.listdir(source_dir):
+        if name.startswith("checkpoint-"):
+            shutil.copytree(os.path.join(source_dir, name), os.path.join(target_dir, name))
+
+
+def truncate_optimizer_files(checkpoint):
+    names = [name for name in os.listdir(checkpoint) if name.startswith("optimizer")]
+    assert names
+    for name in names:
+        with open(os.path.join(checkpoint, name), "r+b") as f:
+            f.truncate(100)
+    return names
+
+
+def test_resume_true_skips_damaged_checkpoint(pattern_tokens, uninterrupted, tmp_path):
+    output_dir = str(tmp_path)
+    copy_checkpoints(uninterrupted, output_dir)
+    damaged = os.path.join(output_dir, "checkpoint-8")
+    names = truncate_optimizer_files(damaged)
+    result = run_pretrain(run_args(pattern_tokens, output_dir, "--resume_from_checkpoint", "true", "--max_steps", "10"))
+    assert result.returncode == 0, result.stdout[-5000:]
+    warnings = [line for line in result.stdout.splitlines() if "skipping damaged checkpoint" in line]
+    assert len(warnings) == 1
+    assert f"skipping damaged checkpoint {damaged} ({names[0]}: 100 bytes, but " in warnings[0]
+    assert f"resuming from {os.path.join(output_dir, 'checkpoint-6')} instead" in warnings[0]
+    assert f"resumed from {os.path.join(output_dir, 'checkpoint-6')}: step 6" in result.stdout
+    # The damaged checkpoint stays where it was; steps 7-10 were trained from step 6.
+    assert os.path.isdir(damaged)
+    assert [r["step"] for r in train_records(output_dir)] == [7, 8, 9, 10]
+
+
+def test_resume_true_with_every_checkpoint_damaged(pattern_tokens, uninterrupted, tmp_path):
+    output_dir = str(tmp_path)
+    copy_checkpoints(uninterrupted, output_dir)
+    for name in ("checkpoint-3", "checkpoint-6", "checkpoint-8"):
+        truncate_optimizer_files(os.path.join(output_dir, name))
+    result = run_pretrain(run_args(pattern_tokens, output_dir, "--resume_from_checkpoint", "true", "--max_steps", "10"))
+    assert result.returncode == 2
+    assert f"every complete checkpoint in {output_dir} is damaged" in result.stdout
+    assert "Traceback" not in result.stdout
+
+
+def test_explicit_damaged_checkpoint_does_not_fall_back(pattern_tokens, uninterrupted, tmp_path):
+    output_dir = str(tmp_path)
+    copy_checkpoints(uninterrupted, output_dir)
+    damaged = os.path.join(output_dir, "checkpoint-8")
+    names = truncate_optimizer_files(damaged)
+    result = run_pretrain(run_args(pattern_tokens, output_dir, "--resume_from_checkpoint", damaged, "--max_steps", "10"))
+    assert result.returncode == 2
+    assert f"cannot load checkpoint {damaged}: {names[0]} is damaged" in result.stdout
+    assert "resumed from" not in result.stdout
+
+
+def test_missing_file_found_by_size_check(uninterrupted, tmp_path):
+    from fleetlm.trainer import checkpoint as ckpt
+
+    copy_checkpoints(uninterrupted, str(tmp_path))
+    checkpoint = str(tmp_path / "checkpoint-8")
+    ckpt.verify_file_sizes(checkpoint)
+    os.remove(os.path.join(checkpoint, "rng_state_rank0.pkl"))
+    with pytest.raises(ckpt.DamagedCheckpointError, match="rng_state_rank0.pkl is damaged .FileNotFoundError"):
+        ckpt.verify_file_sizes(checkpoint)
+
+
+def test_checkpoint_without_sizes_needs_model_and_optimizer(tmp_path):
+    from fleetlm.trainer import checkpoint as ckpt
+
+    (tmp_path / ckpt.TRAINER_STATE).write_text('{"format_version": 1}')
+    (tmp_path / "model_state.pdparams").write_bytes(b"x")
+    with pytest.raises(ckpt.DamagedCheckpointError, match="no optimizer file"):
+        ckpt.verify_file_sizes(str(tmp_path))
+    (tmp_path / "optimizer.tp00_pp00_sd00.pdopt").write_bytes(b"x")
+    ckpt.verify_file_sizes(str(tmp_path))
+
+
+def test_rotation_keeps_checkpoint_just_saved(tmp_path):
+    from fleetlm.trainer import checkpoint as ckpt
+
+    # checkpoint-8 was skipped as damaged; the resumed run has saved checkpoint-4 after checkpoint-3.
+    for step in (3, 4, 8):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / ckpt.TRAINER_STATE).write_text("{}")
+    ckpt._rotate(str(tmp_path), keep=1, saved_step=4)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-4", "checkpoint-8"]
+
+
+def test_ranks_that_disagree_on_resume_stop(pattern_tokens, uninterrupted, tmp_path):
+    output_dir = str(tmp_path / "out")
+    os.makedirs(output_dir)
+    copy_checkpoints(uninterrupted, output_dir)
+    script = os.path.join(REPO_ROOT, "tests", "trainer", "rank_damage_run.py")
+    result = run_pretrain(run_args(pattern_tokens, output_dir, "--resume_from_checkpoint", "true", "--max_steps", "10"),
+                          nproc=2, log_dir=str(tmp_path / "log"), script=script, script_args=["1", "checkpoint-8"])
+    assert result.returncode == 2, result.logs
+    assert "ranks chose checkpoints of different steps to resume from (rank 0: 8, rank 1: 6)" in result.logs
+    assert not os.path.isdir(os.path.join(output_dir, "checkpoint-9"))
