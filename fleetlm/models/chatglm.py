@@ -33,8 +33,15 @@ class GLMRotary(nn.Layer):
         self.two_d = config.position_encoding_2d
         self.rotary = RotaryEmbedding(config.rotary_dim, config.rope_theta)
 
-    def forward(self, q: paddle.Tensor, k: paddle.Tensor, position_ids: paddle.Tensor):
-        """Rotate q, k [b, s, h, d]; ``position_ids`` is [2, b, s] (positions, block positions) for 2D."""
+    def forward(self, q: paddle.Tensor, k: paddle.Tensor, position_ids: paddle.Tensor = None):
+        """Rotate q, k [b, s, h, d]; ``position_ids`` is [2, b, s] (positions, block positions).
+
+        Without ``position_ids`` the positions of a batch with no prefix are derived from q's shape.
+        Attention receives the whole sequence even when sequence parallelism splits the block's input,
+        so the length read here is the true sequence length.
+        """
+        if position_ids is None:
+            position_ids = glm_position_ids(q.shape[0], q.shape[1], prefix_length=0)
         if not self.two_d:
             return self.rotary(q, k, position_ids[0])
         q1, q2 = q.chunk(2, axis=-1)
@@ -86,8 +93,9 @@ class GLMBlock(nn.Layer):
     def forward(
         self, x: paddle.Tensor, position_ids: paddle.Tensor = None, prefix_length: int = 0
     ) -> paddle.Tensor:
-        # Without position ids (a pipeline stage passes only x) the block derives them from the shape.
-        if position_ids is None:
+        # A pipeline stage passes only x. Then the rotary derives the positions of a batch with no
+        # prefix, and a prefix needs them derived here, from the sequence in x.
+        if position_ids is None and prefix_length > 0:
             position_ids = glm_position_ids(x.shape[0], x.shape[1], prefix_length)
         h = self.input_layernorm(x)
         out = self.self_attn(h, position_ids, prefix_length)

@@ -82,18 +82,28 @@ class GPTModel(nn.Layer):
         self.dropout = config.hidden_dropout_prob
 
     def forward(self, input_ids: paddle.Tensor) -> paddle.Tensor:
-        x = self.embed_tokens(input_ids)  # [b, s, embed_dim]
-        if self.project_in is not None:
-            x = self.project_in(x)  # [b, s, hidden_size]
-        if self.embed_positions is not None:
-            positions = paddle.arange(input_ids.shape[1]) + self.config.position_offset
-            x = x + self.embed_positions(positions)[None]
-        if self.embed_layernorm is not None:
-            x = self.embed_layernorm(x)
-        x = F.dropout(x, p=self.dropout, training=self.training)
+        x = self.after_embedding(self.embed_tokens(input_ids))  # [b, s, hidden_size]
         for layer in self.layers:
             # Full-block recompute: keep only the block input, rerun the block in backward.
             x = recompute(layer, x) if self.config.recompute and self.training else layer(x)
+        return self.after_blocks(x)
+
+    # The two steps outside the blocks are methods so that pipeline stages and sequence parallelism
+    # (fleetlm.parallel.plan.GPT_PLAN) run them on their own.
+
+    def after_embedding(self, x: paddle.Tensor) -> paddle.Tensor:
+        """Map token embeddings [b, s, embed_dim] to the first block's input [b, s, hidden_size]."""
+        if self.project_in is not None:
+            x = self.project_in(x)
+        if self.embed_positions is not None:
+            positions = paddle.arange(x.shape[1]) + self.config.position_offset
+            x = x + self.embed_positions(positions)[None]
+        if self.embed_layernorm is not None:
+            x = self.embed_layernorm(x)
+        return F.dropout(x, p=self.dropout, training=self.training)
+
+    def after_blocks(self, x: paddle.Tensor) -> paddle.Tensor:
+        """Map the last block's output [b, s, hidden_size] to final hidden states [b, s, embed_dim]."""
         if self.norm is not None:
             x = self.norm(x)
         if self.project_out is not None:

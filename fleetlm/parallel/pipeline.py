@@ -1,22 +1,26 @@
 """Pipeline stages cut from a built model: fleet's PipelineLayer over the plan's pieces.
 
-Order of the pipeline: embedding, the decoder blocks, final norm, LM head, loss. Stages are cut at
-block boundaries (``seg_method="layer:<block class>"``), so the embedding rides with the first
-blocks and the head with the last. With ``virtual_pp_degree`` > 1 each rank keeps that many
-non-adjacent chunks and fleet runs the interleaved 1F1B schedule.
+Order of the pipeline: token embedding, the backbone step after it (``plan.after_embedding``:
+learned positions, an embedding norm or projection), the decoder blocks, the backbone step after
+them (``plan.after_blocks``: final norm, output projection), LM head, loss. Stages are cut at block
+boundaries (``seg_method="layer:<block class>"``), so the embedding and its step ride with the first
+blocks and the final step and head with the last. Only hidden states [b, s, h] pass between stages;
+a family whose blocks need more (GLM's position ids) derives it inside the block. With
+``virtual_pp_degree`` > 1 each rank keeps that many non-adjacent chunks and fleet runs the
+interleaved 1F1B schedule.
 
 The pieces are the modules of the model built whole on every rank, so each stage starts from the
-single-process weights. A tied embedding/head is a ``SharedLayerDesc``: the first and the last stage
-each hold a copy, fleet broadcasts the first stage's copy at start and all-reduces the two gradients
-after backward. Paddle 3.3.1 never marks the last stage's copy as the duplicate (it compares
-``param.name`` with the attribute name), so its clip would count the gradient twice; the copy is
-marked here and ``GlobalNormClip`` skips it.
+single-process weights. A tied embedding/head is a ``SharedLayerDesc`` over the token embedding
+alone: the first and the last stage each hold a copy of its table, fleet broadcasts the first
+stage's copy at start and all-reduces the two gradients after backward. Paddle 3.3.1 never marks the
+last stage's copy as the duplicate (it compares ``param.name`` with the attribute name), so its clip
+would count the gradient twice; the copy is marked here and ``GlobalNormClip`` skips it.
 """
 
 import paddle
 import paddle.nn as nn
 
-from fleetlm.parallel.plan import ParallelPlan, submodule
+from fleetlm.parallel.plan import BackboneStep, ParallelPlan, submodule
 from fleetlm.utils.log import get_logger
 
 logger = get_logger(__name__)
@@ -34,16 +38,46 @@ class SharedEmbedding(nn.Layer):
         return self.embedding(input_ids)
 
 
-class FinalStage(nn.Layer):
-    """Final norm followed by the LM head: hidden states [b, s, h] to logits [b, s, vocab (/ tp)]."""
+class BackboneStepLayer(nn.Layer):
+    """Layer that owns the submodules of one ``BackboneStep`` of the plan and runs the step."""
 
-    def __init__(self, norm: nn.Layer, head: nn.Layer = None):
+    def __init__(self, backbone: nn.Layer, step: BackboneStep):
         super().__init__()
-        self.norm = norm
+        parts = [submodule(backbone, name) for name in step.modules]
+        self.parts = nn.LayerList([part for part in parts if part is not None])
+        # A bound method is a plain attribute, so the backbone itself is not registered as a sublayer.
+        self._method = getattr(backbone, step.method) if step.method else None
+
+    def forward(self, hidden: paddle.Tensor) -> paddle.Tensor:
+        if self._method is not None:
+            return self._method(hidden)
+        for part in self.parts:
+            hidden = part(hidden)
+        return hidden
+
+
+class EmbeddingStage(nn.Layer):
+    """Token embedding and the backbone step after it: input_ids [b, s] to the first block's input [b, s, h]."""
+
+    def __init__(self, embedding: nn.Layer, after_embedding: BackboneStepLayer):
+        super().__init__()
+        self.embedding = embedding
+        self.after_embedding = after_embedding
+
+    def forward(self, input_ids: paddle.Tensor) -> paddle.Tensor:
+        return self.after_embedding(self.embedding(input_ids))
+
+
+class FinalStage(nn.Layer):
+    """The backbone step after the blocks, then the LM head: [b, s, h] to logits [b, s, vocab (/ tp)]."""
+
+    def __init__(self, after_blocks: BackboneStepLayer, head: nn.Layer = None):
+        super().__init__()
+        self.after_blocks = after_blocks
         self.head = head
 
     def forward(self, hidden: paddle.Tensor) -> paddle.Tensor:
-        hidden = self.norm(hidden)
+        hidden = self.after_blocks(hidden)
         return self.head(hidden) if self.head is not None else hidden
 
 
@@ -60,6 +94,17 @@ class _TiedHeadCall:
         return self.head(hidden)
 
 
+def _check_pieces_cover_backbone(backbone: nn.Layer, pieces) -> None:
+    """Raise ValueError when a backbone parameter belongs to no pipeline piece, because no stage would train it."""
+    covered = {id(p) for piece in pieces for p in piece.parameters()}
+    missing = [name for name, p in backbone.named_parameters() if id(p) not in covered]
+    if missing:
+        raise ValueError(
+            f"the parallel plan of {type(backbone).__name__} leaves {missing} outside every pipeline piece; "
+            "list their submodules in the plan's after_embedding or after_blocks step."
+        )
+
+
 def build_pipeline(model: nn.Layer, plan: ParallelPlan, head, tied_head_factory, loss_fn, hcg, virtual_pp_degree: int):
     """Return a PipelineLayer over ``model``'s pieces; ``head`` is None when the head is tied.
 
@@ -70,18 +115,22 @@ def build_pipeline(model: nn.Layer, plan: ParallelPlan, head, tied_head_factory,
     backbone = submodule(model, plan.backbone)
     embedding = submodule(backbone, plan.embedding)
     blocks = list(submodule(backbone, plan.blocks))
-    norm = submodule(backbone, plan.final_norm)
+    after_embedding = BackboneStepLayer(backbone, plan.after_embedding)
+    after_blocks = BackboneStepLayer(backbone, plan.after_blocks)
+    _check_pieces_cover_backbone(backbone, [embedding, after_embedding, *blocks, after_blocks])
     tied = head is None
 
     if tied:
         layers = [SharedLayerDesc("embed", SharedEmbedding, None, "weight", embedding)]
+        if plan.after_embedding.method or plan.after_embedding.modules:
+            layers.append(after_embedding)
         layers += blocks
         layers += [
-            FinalStage(norm),
+            FinalStage(after_blocks),
             SharedLayerDesc("embed", SharedEmbedding, _TiedHeadCall(tied_head_factory), "weight", embedding),
         ]
     else:
-        layers = [embedding, *blocks, FinalStage(norm, head)]
+        layers = [EmbeddingStage(embedding, after_embedding), *blocks, FinalStage(after_blocks, head)]
 
     rng_state = paddle.get_rng_state()
     pipe = PipelineLayer(

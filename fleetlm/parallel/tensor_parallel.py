@@ -11,7 +11,10 @@ Splits (Paddle stores Linear weights as [in_features, out_features]):
     vocab-parallel   embedding [vocab / tp, hidden], split_axis 0; the LM head [hidden, vocab / tp]
 Sequence parallelism (Korthikanti et al., 2022) keeps activations outside attention and the MLP
 split along the sequence: [b, s / tp, h]. Entering a region all-gathers the sequence (backward:
-reduce-scatter); leaving it reduce-scatters the row-parallel partial sums (backward: all-gather).
+reduce-scatter); leaving it reduce-scatters the row-parallel partial sums (backward: all-gather)
+and then adds the row-parallel bias, if any, to this rank's slice. The first block's input is split
+and the last block's output gathered, so the backbone steps outside the blocks (final norm, learned
+positions, embedding norm) run on the whole sequence with the single-process weights.
 Fleet's ``sequence_parallel_utils`` operators split axis 0 of [s, b, h] tensors, so the model's
 [b, s, h] activations are transposed around them.
 """
@@ -23,7 +26,6 @@ import paddle.nn as nn
 import paddle.nn.functional as F
 from paddle.autograd import PyLayer
 
-from fleetlm.arguments import ConfigError
 from fleetlm.parallel.plan import ParallelPlan, replace_submodule, submodule
 from fleetlm.utils.log import get_logger
 
@@ -67,19 +69,14 @@ def _column_linear(linear: nn.Linear, group, rank: int, degree: int, sequence_pa
     return layer
 
 
-def _row_linear(linear: nn.Linear, group, rank: int, degree: int, sequence_parallel: bool, name: str):
+def _row_linear(linear: nn.Linear, group, rank: int, degree: int, sequence_parallel: bool):
     """Build the row-parallel copy of ``linear`` that keeps this rank's input features."""
     from paddle.distributed.fleet.meta_parallel import RowParallelLinear
 
     in_features, out_features = linear.weight.shape
     has_bias = linear.bias is not None
     if sequence_parallel:
-        if has_bias:
-            raise ConfigError(
-                f"sequence_parallel: the row-parallel projection {name} has a bias, which the sequence-parallel "
-                "reduce-scatter would add tensor_parallel_degree times; run this model without sequence_parallel."
-            )
-        layer = nn.Linear(in_features // degree, out_features, bias_attr=False)
+        layer = SequenceParallelRowLinear(in_features // degree, out_features, has_bias)
         _mark_distributed(layer.weight, 0)
     else:
         layer = RowParallelLinear(in_features, out_features, has_bias=has_bias, input_is_parallel=True, mp_group=group)
@@ -87,6 +84,22 @@ def _row_linear(linear: nn.Linear, group, rank: int, degree: int, sequence_paral
     if has_bias:
         _copy_into(layer.bias, linear.bias, None, rank, degree)
     return layer
+
+
+class SequenceParallelRowLinear(nn.Layer):
+    """Row-parallel shard under sequence parallelism: x @ weight, a partial sum over the tensor-parallel ranks.
+
+    ``bias`` is not added here. The region that ends in this projection adds it after its
+    reduce-scatter, because adding it to each partial sum would count it tensor_parallel_degree times.
+    """
+
+    def __init__(self, in_features: int, out_features: int, has_bias: bool):
+        super().__init__()
+        self.weight = self.create_parameter([in_features, out_features])
+        self.bias = self.create_parameter([out_features], is_bias=True) if has_bias else None
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return paddle.matmul(x, self.weight)
 
 
 class VocabParallelHead(nn.Layer):
@@ -180,6 +193,16 @@ def _leave_region(x: paddle.Tensor) -> paddle.Tensor:
     return _sequence_first(spu.ReduceScatterOp, x)
 
 
+def _leave_region_then_add(bias: Optional[paddle.Tensor]):
+    """Return the region exit: reduce-scatter the partial sums, then add the row-parallel ``bias``."""
+
+    def leave(x: paddle.Tensor) -> paddle.Tensor:
+        x = _leave_region(x)
+        return x if bias is None else x + bias
+
+    return leave
+
+
 def _wrap_forward(module: nn.Layer, before=None, after=None) -> None:
     """Run ``before`` on the input and ``after`` on the output of ``module`` without renaming its parameters."""
     inner = module.forward
@@ -226,20 +249,19 @@ def apply_tensor_parallel(model: nn.Layer, plan: ParallelPlan, hcg, sequence_par
     _copy_into(parallel_embedding.weight, embedding.weight, 0, rank, degree)
     replace_submodule(backbone, plan.embedding, parallel_embedding)
 
-    for index, block in enumerate(submodule(backbone, plan.blocks)):
+    for block in submodule(backbone, plan.blocks):
         attention = submodule(block, plan.attention)
         if hasattr(attention, "keep_head_slice"):
             attention.keep_head_slice(rank, degree)  # ALiBi: this rank's heads keep their own slopes
         for path in plan.column_parallel:
             replace_submodule(block, path, _column_linear(submodule(block, path), group, rank, degree, sequence_parallel))
         for path in plan.row_parallel:
-            name = f"{plan.blocks}.{index}.{path}"
-            replace_submodule(
-                block, path, _row_linear(submodule(block, path), group, rank, degree, sequence_parallel, name)
-            )
+            replace_submodule(block, path, _row_linear(submodule(block, path), group, rank, degree, sequence_parallel))
         if sequence_parallel:
-            for path in plan.sequence_parallel_regions:
-                _wrap_forward(submodule(block, path), before=_enter_region, after=_leave_region)
+            for region in plan.sequence_parallel_regions:
+                (row_path,) = [path for path in plan.row_parallel if path.startswith(region + ".")]
+                bias = submodule(block, row_path).bias
+                _wrap_forward(submodule(block, region), before=_enter_region, after=_leave_region_then_add(bias))
 
     if plan.lm_head is not None and getattr(model, plan.lm_head, None) is not None:
         full_head = getattr(model, plan.lm_head)
@@ -258,9 +280,12 @@ def apply_tensor_parallel(model: nn.Layer, plan: ParallelPlan, hcg, sequence_par
         head = VocabParallelHead(parallel_embedding.weight, transpose=True, group=group)
 
     if sequence_parallel:
-        _wrap_forward(parallel_embedding, after=scatter_sequence)
-        _wrap_forward(submodule(backbone, plan.final_norm), after=gather_sequence)
-        for parameter in backbone.parameters():
+        blocks = submodule(backbone, plan.blocks)
+        _wrap_forward(blocks[0], before=scatter_sequence)
+        _wrap_forward(blocks[len(blocks) - 1], after=gather_sequence)
+        # Norms and row-parallel biases inside the blocks see this rank's slice of the sequence, so
+        # their gradients are partial sums; parameters outside the blocks see the whole sequence.
+        for parameter in blocks.parameters():
             if not getattr(parameter, "is_distributed", False):
                 spu.mark_as_sequence_parallel_parameter(parameter)
     return head
