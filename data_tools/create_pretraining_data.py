@@ -11,6 +11,7 @@ commands keep working; see docs/data.md for the formats.
 """
 
 import argparse
+import hashlib
 import os
 
 import _common  # noqa: F401 - puts the repository root on sys.path
@@ -27,7 +28,7 @@ def parse_args() -> argparse.Namespace:
     group = parser.add_argument_group("input and output")
     group.add_argument("--input_path", required=True,
                        help="a .jsonl/.json/.txt file (optionally .gz or .zst) or a directory searched recursively")
-    group.add_argument("--output_prefix", required=True, help="output path without suffix; writes PREFIX.bin and PREFIX.idx")
+    group.add_argument("--output_prefix", required=True, help="output path without suffix; writes PREFIX.bin, PREFIX.idx and PREFIX.meta.json")
     group.add_argument("--json_key", nargs="+", default=["text"],
                        help="JSON key(s) holding the text; several keys and list values are joined with newlines")
     group.add_argument("--data_format", default="JSON", choices=["JSON", "json", "jsonl", "text"],
@@ -43,7 +44,7 @@ def parse_args() -> argparse.Namespace:
     group.add_argument("--skip_invalid", action="store_true",
                        help="skip and count records with invalid UTF-8, invalid JSON or a missing key instead of failing")
     group.add_argument("--overwrite", action="store_true",
-                       help="replace an existing PREFIX.bin/.idx (by default the run stops instead)")
+                       help="replace an existing PREFIX.bin/.idx/.meta.json (by default the run stops instead)")
     args = parser.parse_args()
     check_args(parser, args)
     return args
@@ -62,9 +63,43 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     if not os.path.basename(prefix) or prefix.endswith((".bin", ".idx")):
         parser.error(f"--output_prefix {prefix!r}: give a path without suffix, e.g. data/corpus for "
                      "data/corpus.bin and data/corpus.idx")
-    existing = [path for path in (prefix + ".bin", prefix + ".idx") if os.path.exists(path)]
+    existing = [path for path in (prefix + ".bin", prefix + ".idx", prefix + ".meta.json") if os.path.exists(path)]
     if existing and not args.overwrite:
         parser.error(f"{existing[0]} already exists; pass --overwrite to replace it, or choose another --output_prefix")
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def output_metadata(args: argparse.Namespace) -> dict:
+    """Return the PREFIX.meta.json fields that describe how the tokens were made.
+
+    merge_data.py compares the tokenizer's sha256 and vocab_size between inputs; the writer adds
+    the dtype and the document, sequence and token counts.
+    """
+    from fleetlm.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(args.tokenizer)
+    return {
+        "tool": "data_tools/create_pretraining_data.py",
+        "tokenizer": {
+            "name": tokenizer.name,
+            "kind": tokenizer.kind,
+            "name_or_path": args.tokenizer,
+            "file": os.path.abspath(tokenizer.path),
+            "sha256": file_sha256(tokenizer.path),
+            "vocab_size": tokenizer.vocab_size,
+            "eos_token_id": tokenizer.eos_token_id,
+            "bos_token_id": tokenizer.bos_token_id,
+        },
+        "append_eos": args.append_eos,
+        "json_keys": list(args.json_key),
+    }
 
 
 def main() -> None:
@@ -80,6 +115,7 @@ def main() -> None:
         workers=args.workers,
         skip_invalid=args.skip_invalid,
         log_interval=args.log_interval,
+        metadata=output_metadata(args),
     )
     print(f"wrote {args.output_prefix}.bin/.idx: {stats.summary()}")
 

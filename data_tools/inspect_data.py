@@ -6,6 +6,7 @@ Example:
 """
 
 import argparse
+import json
 import os
 
 import numpy as np
@@ -26,7 +27,13 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     from fleetlm.data.errors import DataError
-    from fleetlm.data.indexed_dataset import idx_path, open_token_documents, read_index_header
+    from fleetlm.data.indexed_dataset import (
+        idx_path,
+        metadata_path,
+        open_token_documents,
+        read_index_header,
+        read_token_metadata,
+    )
 
     args = parse_args()
     documents = open_token_documents(args.input_prefix)
@@ -46,6 +53,15 @@ def main() -> None:
         print(f"doc length: min {lengths.min()}, mean {lengths.mean():.1f}, max {lengths.max()}")
     if documents.num_tokens:
         print(f"token ids:  min {documents.tokens.min()}, max {documents.tokens.max()}")
+    metadata = read_token_metadata(args.input_prefix)
+    if metadata is None:
+        print(f"metadata:   none ({metadata_path(args.input_prefix)} does not exist; PaddleNLP writes no such file)")
+    else:
+        print(f"metadata:   {metadata_path(args.input_prefix)}")
+        if metadata.get("documents") != documents.num_documents or metadata.get("tokens") != documents.num_tokens:
+            print(f"            WARNING: it describes {metadata.get('documents')} documents and {metadata.get('tokens')} "
+                  f"tokens, so it belongs to another version of the token files")
+        print(json.dumps(metadata, indent=2, sort_keys=True))
 
     if args.document is None:
         return

@@ -5,7 +5,10 @@ Example:
     python data_tools/merge_data.py --input data/parts/ --output_prefix data/merged
 
 A directory input merges every prefix found in it, sorted by name (as PaddleNLP's merge.py does).
-All inputs must share one token dtype, since the ids are copied as raw bytes.
+All inputs must share one token dtype, since the ids are copied as raw bytes, and each may be given
+once. When every input has a PREFIX.meta.json (create_pretraining_data.py writes one), their
+tokenizers must match and the output gets one too; otherwise a warning reports that the tokenizers
+cannot be checked. An input whose sequences are not stored back to back is rewritten sequentially.
 """
 
 import argparse
@@ -39,7 +42,7 @@ def main() -> None:
         prefixes = args.input
     if os.path.abspath(args.output_prefix) in {os.path.abspath(prefix) for prefix in prefixes}:
         raise DataError(f"--output_prefix {args.output_prefix!r} is also an input; choose a new output prefix")
-    writer = merge_token_files(prefixes, args.output_prefix)
+    writer = merge_token_files(prefixes, args.output_prefix, tool="data_tools/merge_data.py")
     print(f"wrote {args.output_prefix}.bin/.idx: inputs {len(prefixes)}, documents {writer.num_documents}, "
           f"tokens {writer.num_tokens}, dtype {writer.dtype}")
 

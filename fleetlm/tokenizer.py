@@ -24,7 +24,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from fleetlm.models.registry import bundled_tokenizer_files
+from fleetlm.models.registry import MODEL_REGISTRY, bundled_tokenizer_files
 
 # Model names that ``load_tokenizer`` resolves to a tokenizer file, for the model registry to fill in.
 # A name found here wins over a path of the same spelling.
@@ -132,6 +132,11 @@ class Tokenizer:
 def load_tokenizer(name_or_path: str) -> Tokenizer:
     """Load the tokenizer at a file or directory path, or one registered under a model name."""
     path = TOKENIZER_FILES_BY_MODEL_NAME.get(name_or_path, name_or_path)
+    if not os.path.exists(path) and name_or_path in MODEL_REGISTRY:
+        raise TokenizerError(
+            f"tokenizer not found: {name_or_path!r} is a registered model name, but fleetlm bundles no tokenizer "
+            f"for it; pass the path of that checkpoint's tokenizer file (tokenizer.model, tokenizer.json or *.tiktoken)"
+        )
     if not os.path.exists(path):
         raise TokenizerError(
             f"tokenizer not found: {name_or_path!r} is neither an existing file or directory nor a registered "

@@ -21,16 +21,27 @@ fleetlm writes one sequence per document, but reads files where a document spans
 sequences (PaddleNLP's ``--split_sentences``). The older pair stores the same data as
 ``_ids.npy`` (all tokens, one array) and ``_idx.npz`` with ``lens`` (int32 sequence sizes) and
 ``docs`` (int64 document index with the leading 0).
+
+fleetlm also writes ``PREFIX.meta.json`` beside a pair when the caller supplies metadata (the
+tokenizer and settings that made it, see ``IndexedDatasetWriter``). Readers never need it, since
+PaddleNLP's files have none; ``merge_token_files`` uses it to reject inputs of different tokenizers.
 """
 
+import contextlib
+import json
 import os
+import re
+import signal
 import struct
 import uuid
-from typing import Iterable
+from typing import Callable, Iterable, Iterator, NamedTuple, Optional
 
 import numpy as np
 
 from fleetlm.data.errors import DataError
+from fleetlm.utils.log import get_logger
+
+logger = get_logger(__name__)
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
@@ -67,6 +78,10 @@ def idx_path(prefix: str) -> str:
     return prefix + ".idx"
 
 
+def metadata_path(prefix: str) -> str:
+    return prefix + ".meta.json"
+
+
 def dataset_exists(prefix: str) -> bool:
     """Return whether ``prefix`` names an MMIDIDX pair or an older npy/npz pair."""
     mmap_pair = os.path.isfile(bin_path(prefix)) and os.path.isfile(idx_path(prefix))
@@ -74,27 +89,107 @@ def dataset_exists(prefix: str) -> bool:
     return mmap_pair or npy_pair
 
 
+# Temporary names are ".BASE.bin.PID.HEX8.tmp" (and .idx, .meta.json): the writer's process id
+# tells a later run whether the file can still be in use.
+_TEMPORARY_NAME = r"\.{base}\.(?:bin|idx|meta\.json)\.(\d+)\.[0-9a-f]{{8}}\.tmp"
+
+
+def _process_is_running(pid: int) -> bool:
+    """Return whether a process with id ``pid`` exists on this machine (signal 0 only checks)."""
+    if pid <= 0:
+        # Not an id a writer records; os.kill would address a process group, so keep the file.
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # the process exists and belongs to another user
+    except OverflowError:
+        return False  # larger than any process id
+    return True
+
+
+def remove_stale_temporary_files(prefix: str) -> list[str]:
+    """Remove temporary files of ``prefix`` left by writers that no longer run; return their paths.
+
+    A writer killed by SIGKILL or a power loss cannot remove its own temporary files. Files whose
+    process is alive are kept, because another run may be writing them.
+    NOTE: the process check covers this machine only. On a file system shared between machines, a
+    file written by another machine is removed when no local process has that id.
+    """
+    directory = os.path.dirname(os.path.abspath(prefix))
+    pattern = re.compile(_TEMPORARY_NAME.format(base=re.escape(os.path.basename(prefix))))
+    removed = []
+    for name in sorted(os.listdir(directory)):
+        match = pattern.fullmatch(name)
+        if match is None or _process_is_running(int(match.group(1))):
+            continue
+        path = os.path.join(directory, name)
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            continue  # another writer of the same prefix removed it first
+        logger.warning("removed stale temporary file %s: process %s that wrote it is no longer running",
+                       path, match.group(1))
+        removed.append(path)
+    return removed
+
+
+@contextlib.contextmanager
+def _stop_signals_blocked() -> Iterator[None]:
+    """Hold back SIGINT and SIGTERM until the block ends, so that no stop request lands between renames.
+
+    A signal that arrives meanwhile is delivered, and its handler runs, when the block ends.
+    """
+    if not hasattr(signal, "pthread_sigmask"):  # Windows
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _write_json_synced(path: str, record: dict) -> None:
+    with open(path, "x", encoding="utf-8") as handle:
+        json.dump(record, handle, indent=2, sort_keys=True)
+        handle.write("\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
 class IndexedDatasetWriter:
     """Write a ``.bin/.idx`` pair that appears under its final name only once it is complete.
 
     Both files are written under temporary names in the output directory, synced to disk, and
     renamed at ``finalize``, the ``.idx`` last, so a reader never sees a partial pair. ``abort``
-    (or leaving the ``with`` block on an exception) removes the temporary files.
+    (or leaving the ``with`` block on an exception) removes the temporary files. Temporary files of
+    the same prefix that a killed writer left behind are removed when a new writer starts.
+
+    With ``metadata``, ``finalize`` also writes ``PREFIX.meta.json``: the given fields plus
+    ``token_dtype``, ``documents``, ``sequences`` and ``tokens``, renamed into place before the
+    ``.idx``. Without it, a ``PREFIX.meta.json`` of an earlier pair is removed, since it would no
+    longer describe the new one.
     """
 
-    def __init__(self, prefix: str, dtype: np.dtype):
+    def __init__(self, prefix: str, dtype: np.dtype, metadata: Optional[dict] = None):
         self.prefix = prefix
         self.dtype = np.dtype(dtype)
+        self.metadata = metadata
         if self.dtype not in CODE_BY_DTYPE:
             raise DataError(f"unsupported token dtype {self.dtype}; use one of {sorted(map(str, CODE_BY_DTYPE))}")
         directory = os.path.dirname(os.path.abspath(prefix))
         if not os.path.isdir(directory):
             raise DataError(f"output directory {directory!r} does not exist; create it or change --output_prefix")
+        remove_stale_temporary_files(prefix)
         # Hidden, unique temporary names in the output directory, so the final rename stays on one file system.
         tag = f"{os.getpid()}.{uuid.uuid4().hex[:8]}"
         base = os.path.basename(prefix)
         self._bin_tmp_path = os.path.join(directory, f".{base}.bin.{tag}.tmp")
         self._idx_tmp_path = os.path.join(directory, f".{base}.idx.{tag}.tmp")
+        self._metadata_tmp_path = os.path.join(directory, f".{base}.meta.json.{tag}.tmp")
         self._bin_file = open(self._bin_tmp_path, "xb")
         # Sizes and document ends of single documents collect in lists; merged files arrive as arrays.
         self._sizes: list[int] = []
@@ -143,7 +238,7 @@ class IndexedDatasetWriter:
             self._sizes, self._document_ends = [], []
 
     def finalize(self) -> None:
-        """Write the index and move both files to their final names."""
+        """Write the index (and the metadata file) and move the files to their final names."""
         self._bin_file.flush()
         os.fsync(self._bin_file.fileno())
         self._bin_file.close()
@@ -166,9 +261,19 @@ class IndexedDatasetWriter:
             handle.flush()
             os.fsync(handle.fileno())
 
-        os.replace(self._bin_tmp_path, bin_path(self.prefix))
-        os.replace(self._idx_tmp_path, idx_path(self.prefix))
-        self._done = True
+        if self.metadata is not None:
+            record = dict(self.metadata, token_dtype=self.dtype.name, documents=self.num_documents,
+                          sequences=len(sizes), tokens=self.num_tokens)
+            _write_json_synced(self._metadata_tmp_path, record)
+
+        with _stop_signals_blocked():
+            os.replace(self._bin_tmp_path, bin_path(self.prefix))
+            if self.metadata is not None:
+                os.replace(self._metadata_tmp_path, metadata_path(self.prefix))
+            elif os.path.exists(metadata_path(self.prefix)):
+                os.remove(metadata_path(self.prefix))
+            os.replace(self._idx_tmp_path, idx_path(self.prefix))
+            self._done = True
 
     def abort(self) -> None:
         """Remove the temporary files; the final names are never created."""
@@ -176,7 +281,7 @@ class IndexedDatasetWriter:
             return
         if not self._bin_file.closed:
             self._bin_file.close()
-        for path in (self._bin_tmp_path, self._idx_tmp_path):
+        for path in (self._bin_tmp_path, self._idx_tmp_path, self._metadata_tmp_path):
             if os.path.exists(path):
                 os.remove(path)
         self._done = True
@@ -265,7 +370,16 @@ def read_index_header(path: str) -> tuple[np.dtype, int, int]:
     return DTYPE_BY_CODE[code], num_sequences, document_index_length
 
 
-def _open_mmidx(prefix: str) -> TokenDocuments:
+class _IndexArrays(NamedTuple):
+    """The arrays of an ``.idx`` file, checked against its header but not yet against the ``.bin``."""
+
+    dtype: np.dtype
+    sizes: np.ndarray
+    pointers: np.ndarray
+    document_index: np.ndarray
+
+
+def _read_mmidx_index(prefix: str) -> _IndexArrays:
     index_file, data_file = idx_path(prefix), bin_path(prefix)
     for path in (index_file, data_file):
         if not os.path.isfile(path):
@@ -287,26 +401,43 @@ def _open_mmidx(prefix: str) -> TokenDocuments:
         index, dtype=np.int64, count=document_index_length, offset=HEADER_SIZE + 12 * num_sequences
     )
     _check_document_index(index_file, document_index, num_sequences)
+    return _IndexArrays(dtype, sizes, pointers, document_index)
 
-    num_tokens = int(np.sum(sizes, dtype=np.int64))
-    expected_bin_bytes = num_tokens * dtype.itemsize
+
+def _pointers_are_sequential(index: _IndexArrays) -> bool:
+    """Return whether the sequences lie back to back in ``.bin``, in index order, from byte 0."""
+    expected_pointers = np.zeros(len(index.sizes), dtype=np.int64)
+    np.cumsum(index.sizes[:-1], dtype=np.int64, out=expected_pointers[1:])
+    return np.array_equal(index.pointers, expected_pointers * index.dtype.itemsize)
+
+
+def _open_mmidx(prefix: str) -> TokenDocuments:
+    index = _read_mmidx_index(prefix)
+    # Sequences must lie back to back in order, as every MMIDIDX writer lays them out, because the
+    # reader addresses documents as slices of one flat token array. merge_token_files copies any
+    # layout sequence by sequence, so it can rewrite such a file.
+    if not _pointers_are_sequential(index):
+        raise DataError(
+            f"{idx_path(prefix)!r} has sequence pointers that are not contiguous and in order; this reader supports "
+            f"only files written sequentially. Rewrite it as a sequential file with "
+            f"'python data_tools/merge_data.py --input {prefix} --output_prefix NEW_PREFIX' and train on NEW_PREFIX"
+        )
+    return _documents_from_index(prefix, index)
+
+
+def _documents_from_index(prefix: str, index: _IndexArrays) -> TokenDocuments:
+    data_file = bin_path(prefix)
+    num_tokens = int(np.sum(index.sizes, dtype=np.int64))
+    expected_bin_bytes = num_tokens * index.dtype.itemsize
     actual_bin_bytes = os.path.getsize(data_file)
     if actual_bin_bytes != expected_bin_bytes:
         raise DataError(
-            f"{data_file!r} is {actual_bin_bytes} bytes but {index_file!r} describes {num_tokens} tokens of "
-            f"{dtype} ({expected_bin_bytes} bytes); the pair does not belong together or one file is truncated"
+            f"{data_file!r} is {actual_bin_bytes} bytes but {idx_path(prefix)!r} describes {num_tokens} tokens of "
+            f"{index.dtype} ({expected_bin_bytes} bytes); the pair does not belong together or one file is truncated"
         )
-    # Sequences must lie back to back in order, as every MMIDIDX writer lays them out, because the
-    # reader addresses documents as slices of one flat token array.
-    expected_pointers = np.zeros(num_sequences, dtype=np.int64)
-    np.cumsum(sizes[:-1], dtype=np.int64, out=expected_pointers[1:])
-    if not np.array_equal(pointers, expected_pointers * dtype.itemsize):
-        raise DataError(
-            f"{index_file!r} has sequence pointers that are not contiguous and in order; this reader supports "
-            f"only files written sequentially, rewrite the file with data_tools/merge_data.py"
-        )
+    dtype = index.dtype
     tokens = np.memmap(data_file, dtype=dtype, mode="r") if num_tokens else np.zeros(0, dtype=dtype)
-    return TokenDocuments(prefix, tokens, sizes, document_index)
+    return TokenDocuments(prefix, tokens, index.sizes, index.document_index)
 
 
 def _open_npy_pair(prefix: str) -> TokenDocuments:
@@ -358,26 +489,186 @@ def find_prefixes(directory: str) -> list[str]:
     return sorted(prefixes)
 
 
-def merge_token_files(prefixes: list[str], output_prefix: str, chunk_bytes: int = 64 << 20) -> IndexedDatasetWriter:
+def read_token_metadata(prefix: str) -> Optional[dict]:
+    """Return the contents of ``PREFIX.meta.json``, or None when the pair has no metadata file."""
+    path = metadata_path(prefix)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as handle:
+            record = json.load(handle)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DataError(f"cannot read metadata file {path!r}: {error}; delete it (the token files do not need "
+                        f"it) or regenerate the token files") from None
+    if not isinstance(record, dict):
+        raise DataError(f"metadata file {path!r} does not contain a JSON object; delete it or regenerate the token files")
+    return record
+
+
+class _MergeSource(NamedTuple):
+    """One input of a merge: its sequences and a way to read their token bytes in index order."""
+
+    path: str
+    dtype: np.dtype
+    sizes: np.ndarray
+    document_index: np.ndarray
+    token_chunks: Callable[[int], Iterator[bytes]]  # chunk_bytes -> the token bytes, in pieces
+
+    @property
+    def num_documents(self) -> int:
+        return len(self.document_index) - 1
+
+    @property
+    def num_tokens(self) -> int:
+        return int(np.sum(self.sizes, dtype=np.int64))
+
+
+def _open_merge_source(prefix: str) -> _MergeSource:
+    if os.path.isfile(idx_path(prefix)) or os.path.isfile(bin_path(prefix)):
+        index = _read_mmidx_index(prefix)
+        if not _pointers_are_sequential(index):
+            chunks = _scattered_token_chunks(prefix, index)
+            return _MergeSource(prefix, index.dtype, index.sizes, index.document_index, chunks)
+        documents = _documents_from_index(prefix, index)
+    else:
+        documents = open_token_documents(prefix)
+
+    def flat_chunks(chunk_bytes: int) -> Iterator[bytes]:
+        flat = documents.tokens.view(np.uint8) if documents.num_tokens else np.zeros(0, np.uint8)
+        for start in range(0, len(flat), chunk_bytes):
+            yield flat[start : start + chunk_bytes].tobytes()
+
+    return _MergeSource(prefix, documents.dtype, documents.sizes, documents.document_index, flat_chunks)
+
+
+def _scattered_token_chunks(prefix: str, index: _IndexArrays) -> Callable[[int], Iterator[bytes]]:
+    """Check the pointers of a file whose sequences are not back to back, and return a reader of them in index order."""
+    data_file = bin_path(prefix)
+    itemsize = index.dtype.itemsize
+    starts = index.pointers
+    ends = starts + index.sizes.astype(np.int64) * itemsize
+    data_bytes = os.path.getsize(data_file)
+    invalid = (index.sizes < 0) | (starts < 0) | (starts % itemsize != 0) | (ends > data_bytes)
+    if np.any(invalid):
+        i = int(np.argmax(invalid))
+        raise DataError(
+            f"{idx_path(prefix)!r}: sequence {i} ({index.sizes[i]} tokens at byte {starts[i]}) lies outside "
+            f"{data_file!r} ({data_bytes} bytes) or is not aligned to its {itemsize}-byte ids; the pair does not "
+            f"belong together or one file is truncated"
+        )
+    # Runs of sequences that do follow each other are copied in one piece each.
+    breaks = np.flatnonzero(starts[1:] != ends[:-1]) + 1
+    run_firsts = np.concatenate([[0], breaks])
+    run_lasts = np.concatenate([breaks, [len(starts)]]) - 1
+
+    def scattered_chunks(chunk_bytes: int) -> Iterator[bytes]:
+        data = np.memmap(data_file, dtype=np.uint8, mode="r") if data_bytes else np.zeros(0, np.uint8)
+        for first, last in zip(run_firsts.tolist(), run_lasts.tolist()):
+            run_end = int(ends[last])
+            for offset in range(int(starts[first]), run_end, chunk_bytes):
+                yield data[offset : min(offset + chunk_bytes, run_end)].tobytes()
+
+    return scattered_chunks
+
+
+def _check_distinct_inputs(prefixes: list[str]) -> None:
+    # Two spellings of one prefix (data/a, ./data/a, a symbolic link) name the same index file.
+    first_spelling: dict[str, str] = {}
+    for prefix in prefixes:
+        index_file = idx_path(prefix)
+        if not os.path.exists(index_file) and os.path.exists(prefix + "_idx.npz"):
+            index_file = prefix + "_idx.npz"
+        key = os.path.realpath(index_file)
+        if key in first_spelling:
+            raise DataError(
+                f"input {prefix!r} is given twice (as {first_spelling[key]!r} and {prefix!r}, both {key}); "
+                f"list each token file once"
+            )
+        first_spelling[key] = prefix
+
+
+def _describe_tokenizer(tokenizer: dict) -> str:
+    sha256 = str(tokenizer.get("sha256", ""))[:12]
+    return (f"{tokenizer.get('name')!r} ({tokenizer.get('kind')}, vocab_size {tokenizer.get('vocab_size')}, "
+            f"sha256 {sha256}...)")
+
+
+def _merged_metadata(sources: list[_MergeSource], tool: str) -> Optional[dict]:
+    """Check that the inputs share one tokenizer and return the output's metadata.
+
+    Returns None, after one warning, when some input has no usable ``PREFIX.meta.json`` (PaddleNLP
+    writes none), because then the tokenizers cannot be compared. Raises DataError when two
+    inputs' tokenizers differ in file hash or vocabulary size.
+    """
+    records = {}
+    unchecked = []
+    for source in sources:
+        record = read_token_metadata(source.path)
+        if record is None:
+            unchecked.append(source.path)
+        elif record.get("documents") != source.num_documents or record.get("tokens") != source.num_tokens:
+            # A pair replaced by a tool that writes no metadata, or a copy of another pair's file.
+            logger.warning("ignoring %s: it describes %s documents and %s tokens, but the token files contain %d "
+                           "and %d", metadata_path(source.path), record.get("documents"), record.get("tokens"),
+                           source.num_documents, source.num_tokens)
+            unchecked.append(source.path)
+        else:
+            records[source.path] = record
+    if unchecked:
+        logger.warning("cannot check that the inputs were made by one tokenizer: no metadata file (PREFIX.meta.json) "
+                       "for %s; merging anyway", ", ".join(unchecked))
+        return None
+
+    first = sources[0].path
+    first_tokenizer = records[first].get("tokenizer", {})
+    for source in sources[1:]:
+        tokenizer = records[source.path].get("tokenizer", {})
+        same_file = tokenizer.get("sha256") == first_tokenizer.get("sha256")
+        if not same_file or tokenizer.get("vocab_size") != first_tokenizer.get("vocab_size"):
+            raise DataError(
+                f"cannot merge token files made by different tokenizers: {first} used "
+                f"{_describe_tokenizer(first_tokenizer)} and {source.path} used {_describe_tokenizer(tokenizer)}; "
+                f"tokenize every input with one tokenizer (data_tools/create_pretraining_data.py)"
+            )
+
+    def common_value(key: str):
+        # A setting that differs between the inputs is recorded as null.
+        values = [records[source.path].get(key) for source in sources]
+        return values[0] if all(value == values[0] for value in values) else None
+
+    return {
+        "tool": tool,
+        "tokenizer": first_tokenizer,
+        "append_eos": common_value("append_eos"),
+        "json_keys": common_value("json_keys"),
+        "inputs": [source.path for source in sources],
+    }
+
+
+def merge_token_files(prefixes: list[str], output_prefix: str, chunk_bytes: int = 64 << 20,
+                      tool: str = "fleetlm.data.indexed_dataset.merge_token_files") -> IndexedDatasetWriter:
     """Concatenate several token files into one ``.bin/.idx`` pair and return the finished writer.
 
-    Every input must have the same token dtype, because the ids are copied as raw bytes.
+    Every input must have the same token dtype, because the ids are copied as raw bytes, and may
+    be named once. When every input has a ``PREFIX.meta.json``, their tokenizers must match and
+    the output gets one too, with ``tool`` as its tool name. Inputs whose sequences are not back to
+    back are copied sequence by sequence, so the output is always sequential.
     """
     if not prefixes:
         raise DataError("nothing to merge: no input prefixes were given")
-    inputs = [open_token_documents(prefix) for prefix in prefixes]
-    dtypes = {str(documents.dtype) for documents in inputs}
+    _check_distinct_inputs(prefixes)
+    sources = [_open_merge_source(prefix) for prefix in prefixes]
+    dtypes = {str(source.dtype) for source in sources}
     if len(dtypes) > 1:
-        listing = ", ".join(f"{documents.path} ({documents.dtype})" for documents in inputs)
+        listing = ", ".join(f"{source.path} ({source.dtype})" for source in sources)
         raise DataError(
             f"cannot merge token files of different dtypes: {listing}; every input must come from the same "
             f"tokenizer (or one of the same vocabulary size class)"
         )
-    writer = IndexedDatasetWriter(output_prefix, inputs[0].dtype)
+    metadata = _merged_metadata(sources, tool)
+    writer = IndexedDatasetWriter(output_prefix, sources[0].dtype, metadata=metadata)
     with writer:
-        for documents in inputs:
-            flat = documents.tokens.view(np.uint8) if documents.num_tokens else np.zeros(0, np.uint8)
-            chunks = (flat[i : i + chunk_bytes].tobytes() for i in range(0, len(flat), chunk_bytes))
-            writer.add_sequences(documents.sizes, documents.document_index, chunks)
+        for source in sources:
+            writer.add_sequences(source.sizes, source.document_index, source.token_chunks(chunk_bytes))
         writer.finalize()
     return writer

@@ -215,8 +215,11 @@ def tokenize_corpus(
     workers: int = 1,
     skip_invalid: bool = False,
     log_interval: int = 10000,
+    metadata: Optional[dict] = None,
 ) -> PreprocessStats:
     """Tokenize every document under ``input_path`` into ``output_prefix.bin/.idx``.
+
+    With ``metadata``, ``output_prefix.meta.json`` is written too (see IndexedDatasetWriter).
 
     Raises DataError for a missing or empty input, an invalid record (unless ``skip_invalid``),
     or ``append_eos`` with a tokenizer that has no EOS token. No output file exists after an error.
@@ -240,7 +243,7 @@ def tokenize_corpus(
                 len(files), input_path, tokenizer.name, tokenizer.vocab_size, encoder.dtype.name, workers)
 
     stats = PreprocessStats()
-    writer = IndexedDatasetWriter(output_prefix, encoder.dtype)
+    writer = IndexedDatasetWriter(output_prefix, encoder.dtype, metadata=metadata)
     with writer, tqdm(unit="docs", desc="tokenizing", disable=None) as progress:
         tasks = _tasks(iter_record_blocks(files, skip_invalid=skip_invalid))
         for result in _ordered_results(tasks, encoder, tokenizer_path, workers):

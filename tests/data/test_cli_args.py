@@ -46,3 +46,13 @@ def test_existing_output_kept_unless_overwrite(tmp_path):
     assert "out.bin already exists; pass --overwrite" in again.stderr
     assert open(prefix + ".bin", "rb").read() == before
     assert run_tool("--output_prefix", prefix, "--overwrite").returncode == 0
+
+
+def test_registered_name_without_tokenizer_explained(tmp_path):
+    result = subprocess.run([sys.executable, TOOL, "--input_path", PLAY, "--tokenizer_name_or_path", "THUDM/glm-130b",
+                             "--output_prefix", str(tmp_path / "out2")], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        "error: tokenizer not found: 'THUDM/glm-130b' is a registered model name, but fleetlm bundles no tokenizer "
+        "for it; pass the path of that checkpoint's tokenizer file (tokenizer.model, tokenizer.json or *.tiktoken)")
+    assert not os.path.exists(tmp_path / "out2.bin")

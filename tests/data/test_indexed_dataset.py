@@ -210,3 +210,83 @@ def test_inspect_tool_decodes_document(shakespeare_gpt2):
     assert "documents:  10" in result.stdout
     # Sorted by file name, document 1 is julius_caesar_gut.txt (after hamlet_gut.txt).
     assert "JULIUS CAESAR" in result.stdout.upper()
+
+
+def dead_pid() -> int:
+    """Return the id of a process that has ended: a short child, started and waited for."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_writer_removes_stale_temporary_files(tmp_path, caplog):
+    import logging
+
+    stale_pid, live_pid = dead_pid(), os.getpid()
+    stale = [f".d.bin.{stale_pid}.0123abcd.tmp", f".d.idx.{stale_pid}.0123abcd.tmp",
+             f".d.meta.json.{stale_pid}.0123abcd.tmp"]
+    kept = [f".d.bin.{live_pid}.89abcdef.tmp", f".other.bin.{stale_pid}.0123abcd.tmp", f".d.b.bin.{stale_pid}.0123abcd.tmp"]
+    for name in stale + kept:
+        (tmp_path / name).write_bytes(b"x")
+    logger = logging.getLogger("fleetlm")
+    logger.addHandler(caplog.handler)
+    try:
+        write_documents(str(tmp_path / "d"), DOCUMENTS)
+    finally:
+        logger.removeHandler(caplog.handler)
+
+    assert sorted(os.listdir(tmp_path)) == sorted(kept + ["d.bin", "d.idx"])
+    removed_lines = [record.getMessage() for record in caplog.records if "removed stale temporary file" in record.getMessage()]
+    assert len(removed_lines) == 3
+    for name in stale:
+        assert sum(name in line for line in removed_lines) == 1
+    assert all(f"process {stale_pid}" in line for line in removed_lines)
+
+
+def write_reversed_pair(prefix: str, documents) -> None:
+    """Write a valid pair whose sequences are stored in reverse order in the .bin."""
+    sizes = np.array([len(document) for document in documents], dtype=np.int32)
+    byte_offsets = {}
+    position = 0
+    for i in reversed(range(len(documents))):
+        byte_offsets[i] = position
+        position += 2 * len(documents[i])
+    pointers = np.array([byte_offsets[i] for i in range(len(documents))], dtype=np.int64)
+    document_index = np.arange(len(documents) + 1, dtype=np.int64)
+    with open(prefix + ".idx", "wb") as handle:
+        handle.write(b"MMIDIDX\x00\x00" + struct.pack("<QBQQ", 1, 8, len(documents), len(documents) + 1))
+        handle.write(sizes.tobytes() + pointers.tobytes() + document_index.tobytes())
+    np.array([t for d in reversed(documents) for t in d], dtype=np.uint16).tofile(prefix + ".bin")
+
+
+def test_scattered_pointers_fix_that_works(tmp_path):
+    prefix = str(tmp_path / "scattered")
+    write_reversed_pair(prefix, DOCUMENTS)
+    with pytest.raises(DataError) as error:
+        open_token_documents(prefix)
+    message = str(error.value)
+    assert "not contiguous" in message
+    assert f"python data_tools/merge_data.py --input {prefix} --output_prefix NEW_PREFIX" in message
+
+    # Run the command the message recommends.
+    fixed = str(tmp_path / "fixed")
+    command = message.split("'")[-2].replace("NEW_PREFIX", fixed).split()
+    assert command[:2] == ["python", "data_tools/merge_data.py"]
+    result = subprocess.run([sys.executable, *command[1:]], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+
+    reader = open_token_documents(fixed)
+    assert [reader.document(i).tolist() for i in range(reader.num_documents)] == DOCUMENTS
+    write_documents(str(tmp_path / "direct"), DOCUMENTS)
+    assert open(fixed + ".bin", "rb").read() == open(tmp_path / "direct.bin", "rb").read()
+    assert open(fixed + ".idx", "rb").read() == open(tmp_path / "direct.idx", "rb").read()
+
+
+def test_scattered_pointer_outside_bin_rejected(tmp_path):
+    prefix = str(tmp_path / "scattered")
+    write_reversed_pair(prefix, DOCUMENTS)
+    with open(prefix + ".bin", "r+b") as handle:
+        handle.truncate(10)
+    with pytest.raises(DataError, match=r"sequence 0 \(3 tokens at byte 14\) lies outside"):
+        merge_token_files([prefix], str(tmp_path / "out"))
+    assert not os.path.exists(tmp_path / "out.bin")

@@ -118,3 +118,31 @@ def test_hf_batch_restores_parallelism_setting(monkeypatch, previous):
         monkeypatch.setenv("TOKENIZERS_PARALLELISM", previous)
     load_tokenizer(TOKENIZERS["chatglm3"]).encode_batch_flat(["one text", "another text"])
     assert os.environ.get("TOKENIZERS_PARALLELISM") == previous
+
+
+def test_registered_name_without_bundled_tokenizer():
+    with pytest.raises(TokenizerError) as error:
+        load_tokenizer("bigscience/bloom-7b1")
+    message = str(error.value)
+    assert "'bigscience/bloom-7b1' is a registered model name, but fleetlm bundles no tokenizer for it" in message
+    assert "pass the path of that checkpoint's tokenizer file (tokenizer.model, tokenizer.json or *.tiktoken)" in message
+    assert "neither" not in message
+
+
+def test_unknown_name_not_called_registered():
+    with pytest.raises(TokenizerError) as error:
+        load_tokenizer("no-such-org/no-such-model")
+    assert "is neither an existing file or directory nor a registered model name" in str(error.value)
+
+
+def test_every_registered_name_resolves_or_names_the_gap():
+    from fleetlm.models.registry import MODEL_REGISTRY
+    from fleetlm.tokenizer import TOKENIZER_FILES_BY_MODEL_NAME
+
+    for name in MODEL_REGISTRY:
+        if name in TOKENIZER_FILES_BY_MODEL_NAME:
+            tokenizer = load_tokenizer(name)
+            assert tokenizer.path == TOKENIZER_FILES_BY_MODEL_NAME[name], name
+            continue
+        with pytest.raises(TokenizerError, match="is a registered model name, but fleetlm bundles no tokenizer"):
+            load_tokenizer(name)
