@@ -92,4 +92,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_tool(main)
+    # SentencePiece trains in C++, where a Python signal handler would run only after training ends,
+    # so SIGTERM keeps its default action and stops the run at once.
+    run_tool(main, handle_stop_signals=False)
