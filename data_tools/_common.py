@@ -21,58 +21,16 @@ class Terminated(BaseException):
 
 _main_pid = os.getpid()
 _stopping = False
-_worker_stop_signal = 0
-_worker_send_checks = 0
-
-# A worker that still sends a result after this many checks, 10 ms apart, is ended anyway: by then
-# no thread reads the result queue any more, so cutting the message short blocks nobody.
-_MAX_SEND_CHECKS = 100
-
-
-def _worker_queue_locks_held(frame) -> tuple[bool, bool]:
-    """Return whether this pool worker holds the task queue's read lock and the result queue's write lock.
-
-    multiprocessing.pool.worker reads tasks under its inqueue's read lock and sends results under
-    its outqueue's write lock. A worker that dies holding the read lock leaves it taken, and
-    Pool.terminate in the main process then waits for it forever.
-    NOTE: this reads CPython internals (3.9 to 3.13): the locals of multiprocessing.pool.worker and
-    the _rlock/_wlock of SimpleQueue. Where they are not found, the worker is taken to hold no lock.
-    """
-    while frame is not None:
-        code = frame.f_code
-        if code.co_name == "worker" and code.co_filename.endswith(os.path.join("multiprocessing", "pool.py")):
-            read_lock = getattr(frame.f_locals.get("inqueue"), "_rlock", None)
-            write_lock = getattr(frame.f_locals.get("outqueue"), "_wlock", None)
-            return (read_lock is not None and read_lock._semlock._is_mine(),
-                    write_lock is not None and write_lock._semlock._is_mine())
-        frame = frame.f_back
-    return False, False
-
-
-def _stop_worker(signum: int, frame) -> None:
-    # A forked worker ignores SIGINT, because Ctrl-C reaches the whole process group and the main
-    # process stops the pool. SIGTERM (from Pool.terminate or sent to the group) ends the worker as
-    # the default action would, but not while it reads a task or sends a result: SIGALRM checks again.
-    global _worker_stop_signal, _worker_send_checks
-    if signum == signal.SIGINT:
-        return
-    if signum == signal.SIGTERM:
-        _worker_stop_signal = signum
-    reading, sending = _worker_queue_locks_held(frame)
-    if sending:
-        _worker_send_checks += 1
-    if reading or (sending and _worker_send_checks < _MAX_SEND_CHECKS):
-        signal.signal(signal.SIGALRM, _stop_worker)
-        signal.setitimer(signal.ITIMER_REAL, 0.01)
-        return
-    signal.signal(_worker_stop_signal, signal.SIG_DFL)
-    os.kill(os.getpid(), _worker_stop_signal)
 
 
 def _on_stop_signal(signum: int, frame) -> None:
     global _stopping
     if os.getpid() != _main_pid:
-        _stop_worker(signum, frame)
+        # A worker that has not installed its own handlers yet (fleetlm.data.preprocess): SIGINT is
+        # left to the main process, SIGTERM ends the worker as it would without a handler.
+        if signum == signal.SIGTERM:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
         return
     if _stopping:
         # A second stop request while the first one is being cleaned up: end now. Temporary files

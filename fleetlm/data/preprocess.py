@@ -10,6 +10,7 @@ byte-identical for any number of workers.
 import collections
 import multiprocessing
 import os
+import signal
 import time
 from dataclasses import dataclass
 from typing import Iterator, NamedTuple, Optional, Sequence
@@ -137,21 +138,26 @@ class TaskEncoder:
         return TaskResult(np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.int32), 0, 0, 0, 0, message)
 
 
-_worker_encoder: Optional[TaskEncoder] = None
-
-
-def _init_worker(encoder: Optional[TaskEncoder], tokenizer_path: str, json_keys: Sequence[str], append_eos: bool,
-                 skip_invalid: bool) -> None:
+def _worker_loop(connection, encoder: Optional[TaskEncoder], tokenizer_path: str, json_keys: Sequence[str],
+                 append_eos: bool, skip_invalid: bool) -> None:
+    """Encode the tasks that arrive on ``connection`` and send back each result, until None arrives."""
+    # Ctrl-C reaches every process of the terminal's process group; the main process alone decides
+    # to stop, and then ends the workers. SIGTERM ends a worker at once: it shares no lock with the
+    # other processes, so its end cannot block them.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     # A forked worker inherits the parent's encoder, loaded tokenizer included. A spawned one gets
     # None, because a loaded tokenizer cannot be pickled, and loads the tokenizer again.
-    global _worker_encoder
     if encoder is None:
         encoder = TaskEncoder(load_tokenizer(tokenizer_path), json_keys, append_eos, skip_invalid)
-    _worker_encoder = encoder
-
-
-def _encode_in_worker(blocks: list[RecordBlock]) -> TaskResult:
-    return _worker_encoder.encode_task(blocks)
+    while True:
+        try:
+            task = connection.recv()
+        except EOFError:  # the main process has ended
+            return
+        if task is None:
+            return
+        connection.send(encoder.encode_task(task))
 
 
 def _tasks(blocks: Iterator[RecordBlock]) -> Iterator[list[RecordBlock]]:
@@ -178,32 +184,73 @@ def _worker_start_method() -> str:
 
 def _ordered_results(tasks: Iterator[list[RecordBlock]], encoder: TaskEncoder, tokenizer_path: str,
                      workers: int) -> Iterator[TaskResult]:
-    """Yield the result of each task, in order, keeping at most ``2 * workers`` tasks in flight."""
+    """Yield the result of each task, in order.
+
+    Each worker process has a pipe of its own and holds one task at a time: task k goes to worker
+    k mod ``workers``, and a worker gets its next task as soon as its result is read. A worker
+    therefore never sends a result while the main process sends it a task, so neither can block the
+    other, and a worker that dies shows as the end of its pipe.
+    """
     if workers == 1:
         for task in tasks:
             yield encoder.encode_task(task)
         return
     method = _worker_start_method()
-    initargs = (encoder if method == "fork" else None, tokenizer_path, encoder.json_keys, encoder.append_eos,
-                encoder.skip_invalid)
-    pool = multiprocessing.get_context(method).Pool(workers, initializer=_init_worker, initargs=initargs)
+    context = multiprocessing.get_context(method)
+    args = (encoder if method == "fork" else None, tokenizer_path, encoder.json_keys, encoder.append_eos,
+            encoder.skip_invalid)
+    processes, connections = [], []
     finished = False
     try:
-        pending = collections.deque()
-        for task in tasks:
-            pending.append(pool.apply_async(_encode_in_worker, (task,)))
-            if len(pending) >= 2 * workers:
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
+        for _ in range(workers):
+            ours, theirs = context.Pipe()
+            process = context.Process(target=_worker_loop, args=(theirs, *args), daemon=True)
+            process.start()
+            theirs.close()  # the worker's end stays open only in the worker, so its death reads as EOF here
+            processes.append(process)
+            connections.append(ours)
+        busy = collections.deque()  # worker numbers in the order of their tasks
+        for number in range(workers):
+            task = next(tasks, None)
+            if task is None:
+                break
+            connections[number].send(task)
+            busy.append(number)
+        while busy:
+            number = busy.popleft()
+            result = _receive(connections[number], processes[number])
+            task = next(tasks, None)
+            if task is not None:
+                connections[number].send(task)
+                busy.append(number)
+            yield result
         finished = True
     finally:
-        # close lets the workers exit on their own; terminate stops them after an error or an interrupt.
-        if finished:
-            pool.close()
-        else:
-            pool.terminate()
-        pool.join()
+        for connection, process in zip(connections, processes):
+            if finished:
+                try:
+                    connection.send(None)
+                except OSError:  # the worker has ended already
+                    pass
+            else:
+                # After an error or a stop signal: the worker's current task is not needed.
+                process.kill()
+            connection.close()
+        for process in processes:
+            process.join()
+
+
+def _receive(connection, process) -> TaskResult:
+    try:
+        return connection.recv()
+    except EOFError:
+        process.join(timeout=5)
+        code = process.exitcode
+        how = f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with status {code}"
+        raise DataError(
+            f"worker process {process.pid} {how} while tokenizing, so its documents are missing; no output "
+            f"files were written. A kill by signal 9 is often the kernel's out-of-memory killer: use fewer --workers"
+        ) from None
 
 
 def tokenize_corpus(

@@ -121,6 +121,28 @@ def test_signal_to_group_stops_workers(tmp_path, big_corpus, signum):
     assert_process_group_gone(process.pid)
 
 
+def test_killed_worker_stops_the_run(tmp_path, big_corpus):
+    # A worker killed on its own (the kernel's out-of-memory killer) ends the run with an error.
+    process = subprocess.Popen(create_command(big_corpus, str(tmp_path / "out"), 2), cwd=REPO_ROOT,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    children_file = f"/proc/{process.pid}/task/{process.pid}/children"
+    deadline = time.monotonic() + 30
+    workers = []
+    while time.monotonic() < deadline and process.poll() is None and len(workers) < 2:
+        with open(children_file) as handle:
+            workers = handle.read().split()
+        time.sleep(0.01)
+    assert len(workers) == 2, "the tool ended before its workers started; use a larger input"
+    os.kill(int(workers[1]), signal.SIGKILL)
+    _, stderr = process.communicate(timeout=30)
+
+    assert process.returncode == 1
+    assert f"error: worker process {workers[1]} was killed by signal 9 while tokenizing" in stderr
+    assert os.listdir(tmp_path) == []
+    assert "Traceback" not in stderr
+    assert_process_group_gone(process.pid)
+
+
 def write_scattered_file(prefix: str, num_sequences: int) -> None:
     """Write a valid .bin/.idx pair whose one-token sequences are stored in reverse order."""
     sizes = np.ones(num_sequences, dtype=np.int32)
