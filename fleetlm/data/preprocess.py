@@ -9,8 +9,11 @@ byte-identical for any number of workers.
 
 import collections
 import multiprocessing
+import multiprocessing.connection
 import os
+import queue
 import signal
+import threading
 import time
 from dataclasses import dataclass
 from typing import Iterator, NamedTuple, Optional, Sequence
@@ -184,12 +187,14 @@ def _worker_start_method() -> str:
 
 def _ordered_results(tasks: Iterator[list[RecordBlock]], encoder: TaskEncoder, tokenizer_path: str,
                      workers: int) -> Iterator[TaskResult]:
-    """Yield the result of each task, in order.
+    """Yield the result of each task, in order, with at most ``2 * workers`` tasks in flight.
 
-    Each worker process has a pipe of its own and holds one task at a time: task k goes to worker
-    k mod ``workers``, and a worker gets its next task as soon as its result is read. A worker
-    therefore never sends a result while the main process sends it a task, so neither can block the
-    other, and a worker that dies shows as the end of its pipe.
+    Each worker process has a pipe of its own and no lock is shared between processes, so a worker
+    that dies shows as the end of its pipe and cannot block the others. A reader thread reads the
+    input and gives each task to the worker with the fewest unanswered tasks; one sender thread a
+    worker writes that worker's tasks to its pipe, so a busy worker holds up no other. This thread
+    takes every result as soon as it arrives and yields them in task order. A worker answers its
+    tasks in the order it got them, so its next result belongs to the oldest task sent to it.
     """
     if workers == 1:
         for task in tasks:
@@ -199,8 +204,42 @@ def _ordered_results(tasks: Iterator[list[RecordBlock]], encoder: TaskEncoder, t
     context = multiprocessing.get_context(method)
     args = (encoder if method == "fork" else None, tokenizer_path, encoder.json_keys, encoder.append_eos,
             encoder.skip_invalid)
-    processes, connections = [], []
+    processes, connections, threads = [], [], []
+    assigned = [collections.deque() for _ in range(workers)]  # task numbers given to each worker, not yet answered
+    outboxes = [queue.Queue() for _ in range(workers)]  # tasks for each sender thread; None ends the worker
+    lock = threading.Lock()
+    window = threading.Semaphore(2 * workers)
+    stop = threading.Event()
+    outcome: queue.Queue = queue.Queue()  # the reader's last word: the number of tasks, or the reading error
     finished = False
+
+    def read_tasks() -> None:
+        try:
+            count = 0
+            for count, task in enumerate(tasks, start=1):
+                window.acquire()
+                if stop.is_set():
+                    return
+                with lock:
+                    number = min(range(workers), key=lambda worker: len(assigned[worker]))
+                    assigned[number].append(count - 1)
+                outboxes[number].put(task)
+            outcome.put(count)
+        except BaseException as error:  # noqa: B902 - the receiving thread raises it
+            outcome.put(error)
+
+    def send_tasks(number: int) -> None:
+        while True:
+            task = outboxes[number].get()
+            if stop.is_set() and task is not None:
+                return
+            try:
+                connections[number].send(task)
+            except OSError:  # the worker has ended; the receiving thread reports it
+                return
+            if task is None:
+                return
+
     try:
         for _ in range(workers):
             ours, theirs = context.Pipe()
@@ -209,41 +248,55 @@ def _ordered_results(tasks: Iterator[list[RecordBlock]], encoder: TaskEncoder, t
             theirs.close()  # the worker's end stays open only in the worker, so its death reads as EOF here
             processes.append(process)
             connections.append(ours)
-        busy = collections.deque()  # worker numbers in the order of their tasks
-        for number in range(workers):
-            task = next(tasks, None)
-            if task is None:
-                break
-            connections[number].send(task)
-            busy.append(number)
-        while busy:
-            number = busy.popleft()
-            result = _receive(connections[number], processes[number])
-            task = next(tasks, None)
-            if task is not None:
-                connections[number].send(task)
-                busy.append(number)
-            yield result
+        threads = [threading.Thread(target=send_tasks, args=(number,), daemon=True) for number in range(workers)]
+        threads.append(threading.Thread(target=read_tasks, daemon=True))
+        for thread in threads:
+            thread.start()
+        results: dict[int, TaskResult] = {}
+        total = None  # known once the reader has read the whole input
+        next_number = 0
+        while total is None or next_number < total:
+            if next_number in results:
+                window.release()
+                yield results.pop(next_number)
+                next_number += 1
+                continue
+            if total is None and not outcome.empty():
+                total = outcome.get()
+                if isinstance(total, BaseException):
+                    raise total
+                continue
+            for connection in multiprocessing.connection.wait(connections, timeout=0.05):
+                number = connections.index(connection)
+                result = _receive(connection, processes[number])
+                with lock:
+                    results[assigned[number].popleft()] = result
         finished = True
     finally:
-        for connection, process in zip(connections, processes):
-            if finished:
-                try:
-                    connection.send(None)
-                except OSError:  # the worker has ended already
-                    pass
-            else:
-                # After an error or a stop signal: the worker's current task is not needed.
+        stop.set()
+        window.release()  # a reader waiting for room sees the stop
+        for outbox in outboxes:
+            outbox.put(None)  # after the last task: ends the worker, then its sender thread
+        if not finished:
+            # After an error or a stop signal the workers' current tasks are not needed. Their end
+            # also ends a send of a sender thread to them.
+            for process in processes:
                 process.kill()
-            connection.close()
         for process in processes:
             process.join()
+        for thread in threads:
+            thread.join()
+        for connection in connections:
+            connection.close()
+        # The reader may have stopped inside the input's generators: close them now rather than at exit.
+        if hasattr(tasks, "close"):
+            tasks.close()
 
 
 def _receive(connection, process) -> TaskResult:
     try:
         return connection.recv()
-    except EOFError:
+    except (EOFError, ConnectionResetError):
         process.join(timeout=5)
         code = process.exitcode
         how = f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with status {code}"
