@@ -4,9 +4,14 @@ Launch on several processes with ``python -m paddle.distributed.launch --nproc_p
 (``--gpus 0-7`` on a GPU machine). ``--help`` lists every option.
 """
 
+import signal
 import sys
 
-from fleetlm.pretrain import main
-
 if __name__ == "__main__":
+    # Until training starts, Ctrl-C ends the process quietly, imports included; fleetlm.pretrain
+    # then takes over SIGINT and SIGTERM (fleetlm.trainer.interrupt).
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+    from fleetlm.pretrain import main
+
     sys.exit(main())

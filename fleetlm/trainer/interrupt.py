@@ -1,13 +1,19 @@
 """Stop a run on SIGINT or SIGTERM with a one-line report instead of a traceback.
 
-One process: the handler raises RunInterrupted at once, wherever the run is.
+Start-up (``install`` until ``activate``): both signals end the process at once, as with no handler
+at all. Until the first step there is nothing to save or report, and a Python handler would run
+only when Paddle's C++ code returns: a rank waiting in the rendezvous of ``init_parallel_env``
+retries its connection in C++ until the launcher's SIGKILL 30 s later, and another rank gets its
+wait interrupted with a traceback.
+Training and evaluation (from ``activate``), one process: the handler raises RunInterrupted at
+once, wherever the run is.
 Several processes: the launcher signals its workers one after another
 (``paddle.distributed.launch`` in Paddle 3.3.1 sends SIGTERM to each worker's process group, about
 0.2 s apart, then SIGKILL after 30 s). A rank that raised at once would leave the others blocked in
 a collective until gloo or NCCL fails. So the handler only records the signal, and the trainer
 calls ``stop_requested`` after every step, which combines the ranks' records with an all-reduce.
 Every rank then stops after the same step.
-NOTE: a deferred signal that arrives before the first step ends is acted on only then.
+NOTE: a deferred signal that arrives during a step is acted on only at its end.
 """
 
 import signal
@@ -15,6 +21,7 @@ from typing import Callable, Optional
 
 _received: Optional[int] = None
 _defer = False
+_installed = False
 
 
 class RunInterrupted(BaseException):
@@ -36,21 +43,31 @@ def _handle(signal_number: int, frame) -> None:
 
 
 def install(defer: bool) -> Callable[[], None]:
-    """Set the SIGINT and SIGTERM handlers; return a function that restores the previous ones.
+    """Let SIGINT and SIGTERM end the process at once until ``activate``; return a function that restores the previous handlers.
 
-    ``defer`` records the signal for ``stop_requested`` instead of raising at once (multi-process runs).
-    Must be called from the main thread, after ``import paddle``: Paddle 3.3.1 installs a C++
-    SIGTERM handler at import that prints a stack dump and aborts, and this replaces it.
+    ``defer`` is for ``activate``: record the signal for ``stop_requested`` instead of raising at
+    once (multi-process runs). Must be called from the main thread, after ``import paddle``:
+    Paddle 3.3.1 installs a C++ SIGTERM handler at import that prints a stack dump and aborts, and
+    this replaces it.
     """
-    global _received, _defer
-    _received, _defer = None, defer
-    previous = {number: signal.signal(number, _handle) for number in (signal.SIGINT, signal.SIGTERM)}
+    global _received, _defer, _installed
+    _received, _defer, _installed = None, defer, True
+    previous = {number: signal.signal(number, signal.SIG_DFL) for number in (signal.SIGINT, signal.SIGTERM)}
 
     def restore() -> None:
+        global _installed
+        _installed = False
         for number, handler in previous.items():
             signal.signal(number, handler)
 
     return restore
+
+
+def activate() -> None:
+    """Report SIGINT and SIGTERM from now on (training and evaluation); nothing happens without ``install``."""
+    if _installed:
+        for number in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(number, _handle)
 
 
 def received_signal() -> Optional[int]:

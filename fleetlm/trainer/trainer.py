@@ -238,6 +238,7 @@ class Trainer:
     @paddle.no_grad()
     def evaluate(self, dataset, name: str) -> float:
         """Mean loss over eval_iters batches of the first samples of ``dataset`` (the same every time)."""
+        interrupt.activate()
         batch, iters = self.args.per_device_eval_batch_size, self.args.eval_iters
         if self.parallel.is_pipeline:
             # One pipelined pass over all eval batches: micro-batch i is eval batch i, and the
@@ -343,6 +344,7 @@ class Trainer:
 
     def train(self) -> Dict[str, float]:
         """Run from self.step to max_steps; return the last metrics (loss, eval_loss when evaluated)."""
+        interrupt.activate()
         args = self.args
         writer = MetricsWriter(args.output_dir, self.is_main, self.step if self.step > 0 else None)
         peak_tflops, peak_source = resolve_peak_tflops(args.peak_tflops)
