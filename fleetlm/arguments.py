@@ -235,6 +235,8 @@ IGNORED_KEYS = {
     "device": "the device comes from the Paddle build and the launcher",
     "skip_profile_timer": "there is no profiler timer",
     "use_fast_layer_norm": "the norm kernel is chosen by use_fused_rms_norm and the device",
+    "tensor_parallel_output": "under tensor parallelism the loss is always computed on the vocabulary-split logits",
+    "eval_accumulation_steps": "evaluation keeps only the mean loss, so there are no predictions to accumulate",
 }
 
 

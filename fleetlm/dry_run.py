@@ -155,19 +155,30 @@ def describe_run(args: Arguments, world_size: Optional[int] = None) -> str:
     check_divisibility(config, tp, pp)
     low_precision = args.training.bf16 or args.training.fp16
     estimate = estimate_memory(config, tp, pp, stage, sharding, low_precision)
-    gib = 2.0**30
     lines = [
-        f"model: {args.model.model_name_or_path} ({config.model_type}), {estimate.total_parameters / 1e9:.3f}B parameters",
+        f"model: {args.model.model_name_or_path} ({config.model_type}), {_count(estimate.total_parameters)} parameters",
         f"layout: {world_size} cards = tp {tp} x pp {pp} x dp {world_size // (tp * pp)}; "
         f"sharding {'stage' + str(stage) if stage else 'off'} over {sharding} ranks; "
         f"{'bf16/fp16 (O2)' if low_precision else 'fp32'}",
-        f"per card, largest pipeline stage: {estimate.card_parameters / 1e9:.3f}B parameters before sharding",
-        f"  parameters  {estimate.parameter_bytes / gib:8.2f} GiB",
-        f"  gradients   {estimate.gradient_bytes / gib:8.2f} GiB",
-        f"  optimizer   {estimate.optimizer_bytes / gib:8.2f} GiB",
-        f"  total       {estimate.total_bytes / gib:8.2f} GiB (activations not included)",
+        f"per card, largest pipeline stage: {_count(estimate.card_parameters)} parameters before sharding",
+        f"  parameters  {_size(estimate.parameter_bytes)}",
+        f"  gradients   {_size(estimate.gradient_bytes)}",
+        f"  optimizer   {_size(estimate.optimizer_bytes)}",
+        f"  total       {_size(estimate.total_bytes)} (activations not included)",
     ]
     return "\n".join(lines)
+
+
+def _count(number: float) -> str:
+    """A parameter count in billions, or in millions below 1B ("7.721B", "13.8M", "0.158M")."""
+    return f"{number / 1e9:.3f}B" if number >= 1e9 else f"{number / 1e6:.3g}M"
+
+
+def _size(num_bytes: float) -> str:
+    """A byte count in GiB, or in MiB below 1 GiB, right-aligned for the report's column."""
+    if num_bytes >= 2**30:
+        return f"{num_bytes / 2**30:8.2f} GiB"
+    return f"{num_bytes / 2**20:8.2f} MiB"
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -172,3 +172,8 @@ def test_duplicate_json_key_rejected(tmp_path):
     path.write_text('{"max_steps": 1, "max_steps": 2}')
     with pytest.raises(ConfigError, match="sets 'max_steps' twice"):
         parse_arguments([str(path)])
+
+
+def test_paddlenlp_model_keys_ignored(tmp_path):
+    path = write_json(tmp_path, {"tensor_parallel_output": True, "eval_accumulation_steps": 4})
+    assert set(parse_arguments([path]).ignored) == {"tensor_parallel_output", "eval_accumulation_steps"}

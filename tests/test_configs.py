@@ -76,3 +76,11 @@ def test_argument_file_valid_for_its_layout(path, tmp_path):
     assert plan.model_config.model_type == config.model_type
     assert plan.layout.world_size == world_size
     assert (plan.layout.tp_degree, plan.layout.pp_degree) == (tp, pp)
+
+
+def test_dry_run_report_of_tiny_model():
+    from fleetlm.dry_run import describe_run
+
+    report = describe_run(parse_arguments(["--model_name_or_path", "fleetlm/tiny-llama"]), world_size=1)
+    assert "fleetlm/tiny-llama (llama), 0.158M parameters" in report
+    assert "MiB (activations not included)" in report
