@@ -2,8 +2,10 @@
 
 Usage: ``python -m fleetlm.export CHECKPOINT_DIR OUT_DIR``
 
-CHECKPOINT_DIR is a ``checkpoint-STEP`` directory written by run_pretrain.py (config.json with the
-run's arguments and architecture, model_state.pdparams). OUT_DIR receives ``model.safetensors``
+CHECKPOINT_DIR is a ``checkpoint-STEP`` directory written by run_pretrain.py in any parallel layout:
+config.json with the run's arguments and architecture, and model_state.pdparams from one process
+or the per-rank model_state.tp*_pp*[_sd*].pdparams files of tensor-parallel, pipeline-parallel and
+sharding-stage-3 runs, which are joined into whole tensors first. OUT_DIR receives ``model.safetensors``
 (float32, PyTorch [out, in] Linear layout, fused projections re-fused where the family's
 checkpoints fuse them) and the family's ``config.json``. LLaMA, GPT-2/GPT-3, OPT, BLOOM and Qwen
 (written as transformers' qwen2) load with ``transformers.AutoModelForCausalLM`` without remote

@@ -4,7 +4,10 @@ A weights directory contains config.json and one of:
 
 * ``model.safetensors``, or shards listed by ``model.safetensors.index.json``;
 * ``pytorch_model.bin``, or shards listed by ``pytorch_model.bin.index.json`` (needs torch);
-* ``model_state.pdparams``, or shards listed by ``model_state.pdparams.index.json``.
+* ``model_state.pdparams``, or shards listed by ``model_state.pdparams.index.json``;
+* a fleetlm checkpoint's per-rank model files (``model_state.tp*_pp*.pdparams``, and
+  ``model_state.tp*_pp*_sd*.pdparams`` under sharding stage 3), which
+  ``fleetlm.trainer.sharded_checkpoint.read_full_model`` joins into whole tensors.
 
 Tensors already named as the fleetlm model names them (a fleetlm checkpoint, PaddleNLP's LLaMA) are
 loaded as they are; .pdparams files must be named so. Otherwise the names follow the Hugging Face layout of the config.json's
@@ -99,8 +102,37 @@ _READERS = {"model.safetensors": read_safetensors, "pytorch_model.bin": _read_to
             "model_state.pdparams": _read_pdparams}
 
 
+def _read_checkpoint_shards(directory: str, files: List[str]) -> Tuple[Dict[str, np.ndarray], str]:
+    """Join the per-rank model files of a fleetlm checkpoint into whole tensors in Paddle layout."""
+    from fleetlm.trainer.checkpoint import TRAINER_STATE, CheckpointError, DamagedCheckpointError, verify_file_sizes
+    from fleetlm.trainer.sharded_checkpoint import read_full_model
+
+    source = os.path.join(directory, "model_state.tp*_pp*.pdparams")
+    try:
+        # A missing or truncated shard would otherwise join into a tensor of the wrong shape.
+        # NOTE: without trainer_state.json (model files copied on their own) nothing checks that
+        # every tensor-parallel rank and pipeline stage is present. load_pretrained still compares
+        # each tensor's shape with the model's, but the export does not.
+        if os.path.isfile(os.path.join(directory, TRAINER_STATE)):
+            verify_file_sizes(directory)
+        tensors = read_full_model(directory)
+    except DamagedCheckpointError as e:
+        raise ConfigError(
+            f"cannot read the weights of {directory}: {e.file_name} is damaged ({e.reason}). "
+            "Use another checkpoint-STEP directory of the run."
+        ) from None
+    except CheckpointError as e:
+        raise ConfigError(str(e)) from None
+    # Tensor.numpy() returns bfloat16 as its uint16 bits, and model parameters are never integers.
+    tensors = {name: _bf16_to_fp32(array) if array.dtype == np.uint16 else array for name, array in tensors.items()}
+    logger.info("joined %d tensors from %d model files in %s", len(tensors), len(files), directory)
+    return tensors, source
+
+
 def read_weights(directory: str) -> Tuple[Dict[str, np.ndarray], str]:
     """Return (every tensor of the directory's weights by name, the file or index that listed them)."""
+    from fleetlm.trainer.sharded_checkpoint import model_shard_files
+
     for base in WEIGHT_FILES:
         reader = _READERS[base]
         index = os.path.join(directory, base + ".index.json")
@@ -119,8 +151,12 @@ def read_weights(directory: str) -> Tuple[Dict[str, np.ndarray], str]:
             return tensors, index
         if os.path.isfile(single):
             return reader(single), single
+    shard_files = model_shard_files(directory)
+    if shard_files:
+        return _read_checkpoint_shards(directory, shard_files)
     raise ConfigError(
-        f"no weights in {directory}: expected one of {', '.join(WEIGHT_FILES)} (or its .index.json with shards)."
+        f"no weights in {directory}: expected one of {', '.join(WEIGHT_FILES)} (or its .index.json with shards), "
+        "or the model_state.tp*_pp*.pdparams files of a fleetlm checkpoint."
     )
 
 

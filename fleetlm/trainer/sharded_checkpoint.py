@@ -157,6 +157,13 @@ def _add_piece(parts: Dict[int, Any], tp_rank: int, array: np.ndarray, slice_inf
         parts.setdefault(tp_rank, []).append((slice_info["start"], array, slice_info["shape"]))
 
 
+def model_shard_files(path: str) -> List[str]:
+    """Return the names of the per-rank model files (model_state.tp*_pp*[_sd*].pdparams) in ``path``, sorted."""
+    if not os.path.isdir(path):
+        return []
+    return sorted(f for f in os.listdir(path) if _MODEL_SHARD.match(f))
+
+
 def read_full_model(path: str) -> Dict[str, np.ndarray]:
     """Whole parameters by name, assembled from the model file(s) of checkpoint ``path``."""
     single = os.path.join(path, MODEL_STATE)
