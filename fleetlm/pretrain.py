@@ -121,8 +121,9 @@ def _run(args: Arguments, progress: _RunProgress) -> int:
     from fleetlm.data.token_range import check_token_ids
 
     def verify_resumable(path: str) -> None:
-        _check_resume(path, args, plan)
+        # Sizes first: a truncated or missing config.json is damage to skip, not a reason to stop.
         ckpt.verify_file_sizes(path)
+        _check_resume(path, args, plan)
 
     try:
         plan = plan_run(args, world_size())
@@ -227,15 +228,20 @@ def build_trainer(args: Arguments, plan, topology, train_ds, valid_ds=None, test
     )
     if os.environ.get(STAGE3_SEGMENT_SIZE_ENV):
         options.stage3_segment_size = int(os.environ[STAGE3_SEGMENT_SIZE_ENV])
-    layout = dict(plan.layout.to_dict(), world_size=plan.layout.world_size, sharding=t.sharding,
-                  sequence_parallel=t.sequence_parallel, virtual_pp_degree=args.model.virtual_pp_degree)
     run_config = {
         "arguments": args.to_dict(),
         "model": plan.model_config.architecture_dict(),
-        "layout": layout,
+        "layout": _layout_record(args, plan),
     }
     return Trainer(args, plan.model_config, model, topology, plan.batch, train_ds, valid_ds, test_ds, run_config,
                    options)
+
+
+def _layout_record(args: Arguments, plan) -> dict:
+    """Return the layout as checkpoints record it: degrees, world size and the options that shape the shards."""
+    t = args.training
+    return dict(plan.layout.to_dict(), world_size=plan.layout.world_size, sharding=t.sharding,
+                sequence_parallel=t.sequence_parallel, virtual_pp_degree=args.model.virtual_pp_degree)
 
 
 def _evaluate_only(trainer, args: Arguments) -> None:
@@ -246,9 +252,11 @@ def _evaluate_only(trainer, args: Arguments) -> None:
 
 
 def _check_resume(path: str, args: Arguments, plan):
-    """Read a checkpoint's state and reject a resume that cannot continue it, before any work starts."""
-    import json
+    """Read a checkpoint's state and reject a resume that cannot continue it, before any work starts.
 
+    Raises DamagedCheckpointError for an unreadable trainer_state.json or config.json, and
+    ConfigError when the run has nothing left to train or its model architecture differs.
+    """
     from fleetlm.trainer import checkpoint as ckpt
 
     state = ckpt.read_trainer_state(path)
@@ -257,23 +265,44 @@ def _check_resume(path: str, args: Arguments, plan):
             f"{path} is at step {state.step}, and max_steps={args.training.max_steps} leaves nothing to train; "
             "raise max_steps to continue training."
         )
-    config_path = os.path.join(path, "config.json")
-    try:
-        with open(config_path, encoding="utf-8") as f:
-            saved_model = json.load(f).get("model", {})
-    except (OSError, ValueError) as e:
-        raise ckpt.CheckpointError(f"{config_path} cannot be read ({e}); the checkpoint is damaged.") from None
+    saved_model = _read_saved_model(path)
     current = plan.model_config.architecture_dict()
     changed = {k: (saved_model[k], v) for k, v in current.items() if k in saved_model and saved_model[k] != v}
     if changed:
         listing = ", ".join(f"{k}: saved {old!r}, requested {new!r}" for k, (old, new) in sorted(changed.items()))
+        requested_layout = _layout_record(args, plan)
+        if state.layout == requested_layout:
+            layout_note = ""
+        else:
+            # Another layout alone could be resumed; name it only so the two differences are not confused.
+            layout_note = (f" The layout differs too (saved layout {state.layout}, requested layout "
+                           f"{plan.layout.describe()}), which resuming supports.")
         raise ConfigError(
-            f"resume_from_checkpoint: {path} cannot be resumed in this layout because the model differs from "
-            f"the checkpoint's ({listing}); saved layout {state.layout}, requested layout "
-            f"{plan.layout.describe()}. Resume with the checkpoint's architecture, or start a new run with "
-            "continue_training from its weights."
+            f"resume_from_checkpoint: {path} cannot be resumed because the model architecture differs from the "
+            f"checkpoint's ({listing}).{layout_note} Resume with the checkpoint's architecture, or start a new run "
+            "with continue_training from its weights."
         )
     return state
+
+
+def _read_saved_model(path: str) -> dict:
+    """Return the model architecture in a checkpoint's config.json; raise DamagedCheckpointError if unreadable."""
+    import json
+
+    from fleetlm.trainer import checkpoint as ckpt
+
+    try:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+            config = json.load(f)
+    except OSError as e:
+        raise ckpt.DamagedCheckpointError(path, "config.json", f"{type(e).__name__}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ckpt.DamagedCheckpointError(path, "config.json", f"not UTF-8 text: {e.reason}") from None
+    except json.JSONDecodeError as e:
+        raise ckpt.DamagedCheckpointError(path, "config.json", f"not valid JSON: {e.msg}") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model", {}), dict):
+        raise ckpt.DamagedCheckpointError(path, "config.json", "expected a JSON object with a model object")
+    return config.get("model", {})
 
 
 def _check_same_resume_step(resume_state, topology) -> None:

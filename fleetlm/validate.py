@@ -165,18 +165,53 @@ def plan_run(args: Arguments, world_size: int) -> RunPlan:
 
 
 def warmup_warning(args: Arguments) -> Optional[str]:
-    """Return a warning when the warmup is longer than the run, so the learning rate never peaks."""
+    """Return a warning when the warmup keeps the schedule from working as set, else None.
+
+    Two cases: the warmup is longer than the run, so the learning rate never peaks, or it reaches
+    decay_steps, so the rate drops from its peak to min_learning_rate in one step.
+    """
     t = args.training
     warmup = resolve_warmup_steps(t)
-    if not t.do_train or warmup <= t.max_steps:
+    if not t.do_train:
         return None
     source = f"warmup_steps={warmup}" if t.warmup_steps > 0 else f"warmup_ratio={t.warmup_ratio} gives {warmup} steps, which"
+    if warmup > t.max_steps:
+        return _warmup_longer_than_run(t, warmup, source)
+    if _drops_after_warmup(t, warmup):
+        return _warmup_reaches_decay(t, warmup, source)
+    return None
+
+
+def _warmup_longer_than_run(t, warmup: int, source: str) -> str:
     # The rate of step t (1-based) during warmup is learning_rate * t / warmup, so the last step's is the highest.
     fraction = t.max_steps / warmup
     return (
         f"{source} is larger than max_steps={t.max_steps}: the learning rate rises for the whole run and peaks at "
         f"{fraction:.1%} of learning_rate={t.learning_rate:g} ({t.learning_rate * fraction:.3g}) on the last step. "
         f"Set warmup_steps to at most {t.max_steps} for the schedule to reach learning_rate."
+    )
+
+
+def _drops_after_warmup(t, warmup: int) -> bool:
+    """Return True when the run trains past a warmup that reaches decay_steps, where the rate falls to its minimum."""
+    # WarmupDecayLR (fleetlm.trainer.lr) decays from the end of warmup to decay_steps (0: max_steps)
+    # and uses min_learning_rate from then on, except that 'constant' keeps learning_rate.
+    return (
+        t.decay_steps > 0
+        and warmup >= t.decay_steps
+        and t.max_steps > warmup
+        and t.lr_scheduler_type != "constant"
+        and t.min_learning_rate != t.learning_rate
+    )
+
+
+def _warmup_reaches_decay(t, warmup: int, source: str) -> str:
+    return (
+        f"{source} is at least decay_steps={t.decay_steps}, so the {t.lr_scheduler_type} decay has no steps: "
+        f"the learning rate rises to learning_rate={t.learning_rate:g} on step {warmup}, then drops to "
+        f"min_learning_rate={t.min_learning_rate:g} on step {warmup + 1} and stays there for the remaining "
+        f"{t.max_steps - warmup} of max_steps={t.max_steps} steps. Set decay_steps above {warmup} (0 decays until "
+        "max_steps), or lower the warmup below decay_steps."
     )
 
 

@@ -155,9 +155,23 @@ def test_output_dir_that_is_a_file_rejected(tmp_path):
         (["--max_steps", "4", "--warmup_steps", "4"], None),
         (["--max_steps", "4", "--warmup_steps", "10", "--do_train", "false", "--do_eval", "true"], None),
         (["--max_steps", "10", "--warmup_ratio", "0.9"], None),
+        (["--max_steps", "10", "--warmup_steps", "5", "--decay_steps", "3"],
+         "warmup_steps=5 is at least decay_steps=3, so the cosine decay has no steps: the learning rate rises to "
+         "learning_rate=0.0003 on step 5, then drops to min_learning_rate=0 on step 6 and stays there for the "
+         "remaining 5 of max_steps=10 steps. Set decay_steps above 5 (0 decays until max_steps), or lower the "
+         "warmup below decay_steps."),
+        (["--max_steps", "10", "--warmup_ratio", "0.5", "--decay_steps", "5", "--lr_scheduler_type", "linear",
+          "--min_learning_rate", "1e-5"],
+         "warmup_ratio=0.5 gives 5 steps, which is at least decay_steps=5, so the linear decay has no steps: the "
+         "learning rate rises to learning_rate=0.0003 on step 5, then drops to min_learning_rate=1e-05 on step 6"),
+        (["--max_steps", "10", "--warmup_steps", "5", "--decay_steps", "6"], None),
+        (["--max_steps", "10", "--warmup_steps", "5", "--decay_steps", "3", "--lr_scheduler_type", "constant"], None),
+        (["--max_steps", "10", "--warmup_steps", "5", "--decay_steps", "3", "--min_learning_rate", "3e-4"], None),
+        # The run ends with the warmup, before the drop.
+        (["--max_steps", "5", "--warmup_steps", "5", "--decay_steps", "3"], None),
     ],
 )
-def test_warmup_longer_than_run_warned(argv, expected):
+def test_warmup_schedule_warnings(argv, expected):
     from fleetlm.validate import warmup_warning
 
     warning = warmup_warning(parse_arguments(argv))
@@ -165,6 +179,20 @@ def test_warmup_longer_than_run_warned(argv, expected):
         assert warning is None
     else:
         assert warning.startswith(expected)
+
+
+def test_warmup_reaching_decay_drops_as_warned():
+    from fleetlm.trainer.lr import build_lr_scheduler
+
+    # The schedule behind the warning: peak on step 5 (1-based), min_learning_rate from step 6 on.
+    scheduler = build_lr_scheduler(parse_arguments(["--max_steps", "10", "--warmup_steps", "5", "--decay_steps", "3",
+                                                    "--min_learning_rate", "1e-5"]).training)
+    rates = []
+    for _ in range(10):
+        rates.append(scheduler.get_lr())
+        scheduler.step()
+    assert rates[4] == pytest.approx(3e-4)
+    assert rates[5:] == pytest.approx([1e-5] * 5)
 
 
 def eval_warning(tokens, *argv, world_size=1):

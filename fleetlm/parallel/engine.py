@@ -107,6 +107,28 @@ def _innermost(optimizer):
         optimizer = inner
 
 
+def _exchange_shapes_around_eval(engine) -> None:
+    """Make the pipeline engine's ``eval_batch`` send its own activation shapes between stages.
+
+    Paddle 3.3.1's pipeline engine sends the shape of the activations to the next stage once and
+    then reuses it for every later pass (``P2pHelper`` in pp_utils/p2p_communication.py, with the
+    default ``p2p_cache_shape``). An eval micro-batch larger than the training one would therefore
+    overrun the receiving stage's buffer. Clearing the cached shapes before and after each eval pass
+    makes every stage exchange them again: the eval shapes for the pass, the training shapes after
+    it. Every stage evaluates at the same step, so senders and receivers clear their caches together.
+    """
+    eval_batch = engine.eval_batch
+
+    def eval_batch_with_own_shapes(*args, **kwargs):
+        engine._p2p_helper.clear_meta_cache()
+        try:
+            return eval_batch(*args, **kwargs)
+        finally:
+            engine._p2p_helper.clear_meta_cache()
+
+    engine.eval_batch = eval_batch_with_own_shapes
+
+
 def parallelize(
     model: nn.Layer,
     model_type: str,
@@ -186,6 +208,8 @@ def parallelize(
 
         engine = fleet.distributed_model(module)
         optimizer = fleet.distributed_optimizer(optimizer)
+        if pp > 1:
+            _exchange_shapes_around_eval(engine)
     else:
         engine = module
 

@@ -19,10 +19,19 @@ checkpoint under a complete name. Rotation counts only checkpoints up to the ste
 newer one left by an earlier attempt (for example one that was skipped as damaged on resume) is
 neither counted nor removed until this run saves the same step again and replaces it.
 
-A complete checkpoint can still be damaged later (a truncated or partial copy, a failing disk).
-trainer_state.json lists every file of the checkpoint with its size, and a resume compares them
-first. With ``resume_from_checkpoint=true`` a checkpoint whose files differ is skipped for the next
-older one, with a warning that names the file; the damaged one is left in place.
+trainer_state.json is a JSON object with these keys:
+    format_version    2 (this fleetlm writes 2 and reads 1 and 2)
+    step              optimizer steps taken; equals STEP of the directory name checkpoint-STEP
+    consumed_samples  training samples read so far
+    layout            the parallel degrees, world size, sharding stage and related options
+    files             {file name: size in bytes} for every other file of the directory. Required in
+                      version 2. Version 1 checkpoints may lack it, and for them a resume only
+                      checks that a model and an optimizer file are present.
+
+A complete checkpoint can still be damaged later (a truncated or partial copy, a failing disk, an
+edited trainer_state.json). A resume compares the file sizes and the step with the directory
+name first. With ``resume_from_checkpoint=true`` a checkpoint that fails those checks is skipped
+for the next older one, with a warning that names the file; the damaged one is left in place.
 """
 
 import json
@@ -41,7 +50,9 @@ from fleetlm.utils.log import get_logger, process_rank
 
 logger = get_logger(__name__)
 
-FORMAT_VERSION = 1
+# Version 2 requires the "files" size list in trainer_state.json, which version 1 may lack.
+FORMAT_VERSION = 2
+READABLE_FORMAT_VERSIONS = (1, 2)
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 TRAINER_STATE = "trainer_state.json"
 
@@ -71,6 +82,8 @@ class TrainerState:
     step: int
     consumed_samples: int
     layout: Dict[str, int]
+    # Saved size in bytes of every other file in the checkpoint. None for a version 1 checkpoint without the list.
+    files: Optional[Dict[str, int]] = None
 
 
 def _fsync_dir(path: str) -> None:
@@ -203,7 +216,12 @@ def _rotate(output_dir: str, keep: int, saved_step: int) -> None:
 
 
 def read_trainer_state(path: str) -> TrainerState:
-    """Read and check trainer_state.json of a checkpoint directory."""
+    """Read and check trainer_state.json of a checkpoint directory.
+
+    Raises CheckpointError when the file is missing or has an unknown format version, and
+    DamagedCheckpointError when it cannot be parsed, a value is invalid, or its step differs
+    from the STEP of a directory named checkpoint-STEP.
+    """
     state_path = os.path.join(path, TRAINER_STATE)
     if not os.path.isfile(state_path):
         raise CheckpointError(f"{path} is not a complete checkpoint: {TRAINER_STATE} is missing.")
@@ -216,31 +234,70 @@ def read_trainer_state(path: str) -> TrainerState:
         raise DamagedCheckpointError(path, TRAINER_STATE, f"not valid JSON: {e.msg}") from None
     if not isinstance(raw, dict):
         raise DamagedCheckpointError(path, TRAINER_STATE, f"expected a JSON object, found {type(raw).__name__}")
-    if raw.get("format_version") != FORMAT_VERSION:
+    version = raw.get("format_version")
+    if isinstance(version, bool) or version not in READABLE_FORMAT_VERSIONS:
+        readable = " and ".join(str(v) for v in READABLE_FORMAT_VERSIONS)
         raise CheckpointError(
-            f"{state_path} has format_version {raw.get('format_version')!r}; this fleetlm reads version {FORMAT_VERSION}."
+            f"{state_path} has format_version {version!r}; this fleetlm reads versions {readable}."
         )
     for key in ("step", "consumed_samples"):
         value = raw.get(key)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        if not _is_size(value):
             raise DamagedCheckpointError(path, TRAINER_STATE, f"it has {key}={value!r}, not a non-negative integer")
+    match = _NAME.match(os.path.basename(os.path.normpath(path)))
+    if match and int(match.group(1)) != raw["step"]:
+        raise DamagedCheckpointError(
+            path, TRAINER_STATE,
+            f"it has step={raw['step']}, but the directory name says step {int(match.group(1))}",
+        )
     if not isinstance(raw.get("layout"), dict):
         raise DamagedCheckpointError(path, TRAINER_STATE, "it has no layout object")
-    return TrainerState(step=raw["step"], consumed_samples=raw["consumed_samples"], layout=raw["layout"])
+    return TrainerState(step=raw["step"], consumed_samples=raw["consumed_samples"], layout=raw["layout"],
+                        files=_read_file_sizes(path, raw, version))
+
+
+def _is_size(value: Any) -> bool:
+    # JSON true and false load as bool, a subclass of int.
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _read_file_sizes(path: str, raw: Dict[str, Any], version: int) -> Optional[Dict[str, int]]:
+    """Return the checked "files" entry of a parsed trainer_state.json (None: version 1 without it)."""
+    if "files" not in raw and version == 1:
+        return None
+    sizes = raw.get("files")
+    if not isinstance(sizes, dict):
+        found = "no files entry" if "files" not in raw else f"files={sizes!r}"
+        raise DamagedCheckpointError(
+            path, TRAINER_STATE,
+            f"it has {found}, but format version {version} needs an object of file names and sizes in bytes",
+        )
+    for name, size in sorted(sizes.items()):
+        # Only plain names inside the checkpoint directory: an edited entry must not make a
+        # resume stat files elsewhere.
+        if name in ("", ".") or ".." in name or "/" in name or "\\" in name or os.path.isabs(name):
+            raise DamagedCheckpointError(
+                path, TRAINER_STATE, f"its files list names {name!r}, which is not a file name inside the checkpoint"
+            )
+        if not _is_size(size):
+            raise DamagedCheckpointError(
+                path, TRAINER_STATE, f"its files list gives {name} the size {size!r}, not a non-negative integer"
+            )
+    return sizes
 
 
 def verify_file_sizes(path: str) -> None:
     """Check that every file listed in the checkpoint's trainer_state.json has the size it had when saved.
 
-    Raises DamagedCheckpointError naming the first missing or resized file, in name order, so
-    every rank that sees the same files reaches the same verdict. Only sizes are compared (a
-    stat per file, no reads), which finds truncated copies and missing shards at any model size;
-    a file damaged inside at its saved size fails later, when it is loaded.
-    Checkpoints saved before sizes were recorded only need their model and optimizer files.
+    Raises DamagedCheckpointError for an unreadable or invalid trainer_state.json, or naming the
+    first missing or resized file, in name order, so every rank that sees the same files reaches
+    the same verdict. Only sizes are compared (a stat per file, no reads), which finds truncated
+    copies and missing shards at any model size; a file damaged inside at its saved size fails
+    later, when it is loaded. Version 1 checkpoints saved before sizes were recorded only need
+    their model and optimizer files.
     """
-    with open(os.path.join(path, TRAINER_STATE), encoding="utf-8") as f:
-        sizes = json.load(f).get("files")
-    if not isinstance(sizes, dict):
+    sizes = read_trainer_state(path).files
+    if sizes is None:
         names = os.listdir(path)
         for kind, prefix in (("model", "model_state"), ("optimizer", "optimizer")):
             if not any(name.startswith(prefix) for name in names):
