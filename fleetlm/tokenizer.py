@@ -93,6 +93,8 @@ class Tokenizer:
     _decode: Callable[[Sequence[int]], str] = field(repr=False)
     _encode_array: Optional[Callable[[str], np.ndarray]] = field(default=None, repr=False)
     _encode_batch: Optional[Callable[[list[str]], list[list[int]]]] = field(default=None, repr=False)
+    # (texts, dtype) -> (ids, lengths), for a backend with a faster route than either of the above.
+    _encode_batch_flat: Optional[Callable] = field(default=None, repr=False)
 
     def encode(self, text: str) -> list[int]:
         """Return the token ids of ``text``, with no BOS or EOS added."""
@@ -112,6 +114,8 @@ class Tokenizer:
         of the vocabulary) without an intermediate array. The backend's batch call is used where it
         has one, but never its thread pool, so that one process keeps to one core.
         """
+        if self._encode_batch_flat is not None:
+            return self._encode_batch_flat(texts, dtype)
         if self._encode_batch is None:
             arrays = [self.encode_array(text) for text in texts]
             lengths = np.fromiter(map(len, arrays), dtype=np.int64, count=len(arrays))
@@ -266,7 +270,33 @@ def _load_tiktoken(path: str) -> Tokenizer:
         # Empty allowed and disallowed special sets encode special-token text as ordinary text, as
         # encode_ordinary does, and return a uint32 array straight from tiktoken's buffer.
         _encode_array=lambda text: encoding.encode_to_numpy(text, allowed_special=set(), disallowed_special=()),
+        _encode_batch_flat=_tiktoken_batch_flat(encoding),
     )
+
+
+def _tiktoken_batch_flat(encoding) -> Optional[Callable]:
+    """Return a batch encoder that joins tiktoken's per-text id buffers and reads them as one array.
+
+    encode_to_numpy makes one numpy array a text. On short texts that costs as much as the encoding
+    itself: on the bundled Chinese poems (about 90 tokens each) joining the raw buffers was 13%
+    faster for Qwen. The buffers come from CoreBPE.encode_to_tiktoken_buffer, the call behind
+    encode_to_numpy, which is not public API; without it (another tiktoken version) this returns
+    None and the per-text arrays are used.
+    """
+    encode_buffer = getattr(getattr(encoding, "_core_bpe", None), "encode_to_tiktoken_buffer", None)
+    if encode_buffer is None:
+        return None
+    no_special: set = set()  # special-token text is encoded as ordinary text, as in encode_ordinary
+
+    def encode_batch_flat(texts: Sequence[str], dtype) -> tuple[np.ndarray, np.ndarray]:
+        buffers = [encode_buffer(text, no_special) for text in texts]
+        # Each buffer holds native uint32 ids.
+        lengths = np.fromiter((memoryview(buffer).nbytes // 4 for buffer in buffers), dtype=np.int64,
+                              count=len(buffers))
+        ids = np.frombuffer(b"".join(buffers), dtype=np.uint32)
+        return ids.astype(dtype, casting="unsafe"), lengths
+
+    return encode_batch_flat
 
 
 def _load_hf_json(path: str) -> Tokenizer:
