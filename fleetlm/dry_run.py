@@ -170,12 +170,12 @@ def describe_run(args: Arguments, world_size: Optional[int] = None) -> str:
 
 
 def _count(number: float) -> str:
-    """A parameter count in billions, or in millions below 1B ("7.721B", "13.8M", "0.158M")."""
+    """Format a parameter count in billions, or in millions below 1B ("7.721B", "13.8M", "0.158M")."""
     return f"{number / 1e9:.3f}B" if number >= 1e9 else f"{number / 1e6:.3g}M"
 
 
 def _size(num_bytes: float) -> str:
-    """A byte count in GiB, or in MiB below 1 GiB, right-aligned for the report's column."""
+    """Format a byte count in GiB, or in MiB below 1 GiB, right-aligned for the report's column."""
     if num_bytes >= 2**30:
         return f"{num_bytes / 2**30:8.2f} GiB"
     return f"{num_bytes / 2**20:8.2f} MiB"

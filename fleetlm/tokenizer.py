@@ -121,7 +121,7 @@ class Tokenizer:
             lengths = np.fromiter(map(len, arrays), dtype=np.int64, count=len(arrays))
             if not arrays:
                 return np.zeros(0, dtype=dtype), lengths
-            # "unsafe" allows uint32 to int32 and to uint16; the caller's dtype holds every id.
+            # "unsafe" allows uint32 to int32 and to uint16; the caller's dtype can represent every id.
             return np.concatenate(arrays, dtype=dtype, casting="unsafe"), lengths
         id_lists = self._encode_batch(list(texts))
         lengths = np.fromiter(map(len, id_lists), dtype=np.int64, count=len(id_lists))
@@ -290,7 +290,7 @@ def _tiktoken_batch_flat(encoding) -> Optional[Callable]:
 
     def encode_batch_flat(texts: Sequence[str], dtype) -> tuple[np.ndarray, np.ndarray]:
         buffers = [encode_buffer(text, no_special) for text in texts]
-        # Each buffer holds native uint32 ids.
+        # Each buffer contains native uint32 ids.
         lengths = np.fromiter((memoryview(buffer).nbytes // 4 for buffer in buffers), dtype=np.int64,
                               count=len(buffers))
         ids = np.frombuffer(b"".join(buffers), dtype=np.uint32)

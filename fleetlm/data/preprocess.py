@@ -191,10 +191,10 @@ def _ordered_results(tasks: Iterator[list[RecordBlock]], encoder: TaskEncoder, t
 
     Each worker process has a pipe of its own and no lock is shared between processes, so a worker
     that dies shows as the end of its pipe and cannot block the others. A reader thread reads the
-    input and gives each task to the worker with the fewest unanswered tasks; one sender thread a
+    input and gives each task to the worker with the fewest incomplete tasks; one sender thread a
     worker writes that worker's tasks to its pipe, so a busy worker holds up no other. This thread
-    takes every result as soon as it arrives and yields them in task order. A worker answers its
-    tasks in the order it got them, so its next result belongs to the oldest task sent to it.
+    takes every result as soon as it arrives and yields them in task order. A worker completes its
+    tasks in the order it received them, so its next result belongs to the oldest task sent to it.
     """
     if workers == 1:
         for task in tasks:
@@ -205,7 +205,7 @@ def _ordered_results(tasks: Iterator[list[RecordBlock]], encoder: TaskEncoder, t
     args = (encoder if method == "fork" else None, tokenizer_path, encoder.json_keys, encoder.append_eos,
             encoder.skip_invalid)
     processes, connections, threads = [], [], []
-    assigned = [collections.deque() for _ in range(workers)]  # task numbers given to each worker, not yet answered
+    assigned = [collections.deque() for _ in range(workers)]  # task numbers given to each worker and not yet completed
     outboxes = [queue.Queue() for _ in range(workers)]  # tasks for each sender thread; None ends the worker
     lock = threading.Lock()
     window = threading.Semaphore(2 * workers)
@@ -274,7 +274,7 @@ def _ordered_results(tasks: Iterator[list[RecordBlock]], encoder: TaskEncoder, t
         finished = True
     finally:
         stop.set()
-        window.release()  # a reader waiting for room sees the stop
+        window.release()  # a reader waiting for room notices the stop
         for outbox in outboxes:
             outbox.put(None)  # after the last task: ends the worker, then its sender thread
         if not finished:
@@ -299,9 +299,9 @@ def _receive(connection, process) -> TaskResult:
     except (EOFError, ConnectionResetError):
         process.join(timeout=5)
         code = process.exitcode
-        how = f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with status {code}"
+        ending = f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with status {code}"
         raise DataError(
-            f"worker process {process.pid} {how} while tokenizing, so its documents are missing; no output "
+            f"worker process {process.pid} {ending} while tokenizing, so its documents are missing; no output "
             f"files were written. A kill by signal 9 is often the kernel's out-of-memory killer: use fewer --workers"
         ) from None
 

@@ -290,7 +290,7 @@ def verify_file_sizes(path: str) -> None:
     """Check that every file listed in the checkpoint's trainer_state.json has the size it had when saved.
 
     Raises DamagedCheckpointError for an unreadable or invalid trainer_state.json, or naming the
-    first missing or resized file, in name order, so every rank that sees the same files reaches
+    first missing or resized file, in name order, so every rank that reads the same files reaches
     the same verdict. Only sizes are compared (a stat per file, no reads), which finds truncated
     copies and missing shards at any model size; a file damaged inside at its saved size fails
     later, when it is loaded. Version 1 checkpoints saved before sizes were recorded only need
@@ -332,7 +332,7 @@ def resolve_resume_path(
     ``verify``; a damaged newer one is skipped with a warning on rank 0 and left in place. When there
     is no checkpoint, the run starts fresh and logs it. A path must be a complete checkpoint, or a
     directory that contains some, and is never replaced by another, so damage in it is an error.
-    The choice depends only on the files, so every rank that sees the same files makes it.
+    The choice depends only on the files, so every rank that reads the same files makes it.
     """
     if resume_from_checkpoint is None:
         return None
