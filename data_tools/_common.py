@@ -71,6 +71,11 @@ def run_tool(main: Callable[[], None], handle_stop_signals: bool = True) -> None
         main()
     except (DataError, TokenizerError) as error:
         exit_with_error(str(error))
+    except OSError as error:
+        # A read-only or full output directory, or a directory where an output file should be.
+        where = f"{error.filename}: " if error.filename else ""
+        exit_with_error(f"{where}{error.strerror or error}; check the permissions and free space of the output "
+                        f"directory; no output files were written")
     except KeyboardInterrupt:
         exit_with_error("interrupted; no output files were written")
     except Terminated:

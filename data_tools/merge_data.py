@@ -26,7 +26,17 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--output_prefix", "--output-prefix", dest="output_prefix", required=True,
                         help="output path without suffix; writes PREFIX.bin and PREFIX.idx")
     parser.add_argument("--data_impl", default="mmap", choices=["mmap"], help="output format; only mmap (.bin/.idx)")
-    return parser.parse_args()
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing PREFIX.bin/.idx/.meta.json (by default the run stops instead)")
+    args = parser.parse_args()
+    prefix = args.output_prefix
+    if not os.path.basename(prefix) or prefix.endswith((".bin", ".idx")):
+        parser.error(f"--output_prefix {prefix!r}: give a path without suffix, e.g. data/merged for "
+                     "data/merged.bin and data/merged.idx")
+    existing = [path for path in (prefix + ".bin", prefix + ".idx", prefix + ".meta.json") if os.path.exists(path)]
+    if existing and not args.overwrite:
+        parser.error(f"{existing[0]} already exists; pass --overwrite to replace it, or choose another --output_prefix")
+    return args
 
 
 def main() -> None:
@@ -35,7 +45,9 @@ def main() -> None:
 
     args = parse_args()
     if len(args.input) == 1 and os.path.isdir(args.input[0]):
-        prefixes = find_prefixes(args.input[0])
+        # An earlier merge written into the same directory is not an input of this one.
+        output = os.path.abspath(args.output_prefix)
+        prefixes = [prefix for prefix in find_prefixes(args.input[0]) if os.path.abspath(prefix) != output]
         if not prefixes:
             raise DataError(f"no token files (*.idx or *_idx.npz) in directory {args.input[0]!r}")
     else:

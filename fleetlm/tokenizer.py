@@ -307,6 +307,11 @@ def _load_hf_json(path: str) -> Tokenizer:
     except Exception as error:  # noqa: BLE001 - the Rust loader raises a bare Exception on any bad file
         raise TokenizerError(f"cannot read Hugging Face tokenizer {path!r}: {error}") from None
 
+    # Special-token text in a document ("</s>" in web text) is encoded as ordinary text, as the
+    # other backends do, so only --append_eos puts EOS ids into the data. Older releases lack the switch.
+    if hasattr(backend, "encode_special_tokens"):
+        backend.encode_special_tokens = True
+
     # Special tokens may be listed only in tokenizer_config.json (ChatGLM3 keeps [gMASK], sop and the
     # role tokens there), so the vocabulary size counts those ids too.
     config = _read_tokenizer_config(os.path.join(os.path.dirname(path), "tokenizer_config.json"))

@@ -120,11 +120,17 @@ def list_input_files(input_path: str) -> list[str]:
     if not os.path.isdir(input_path):
         raise DataError(f"input path {input_path!r} does not exist; pass a corpus file or a directory of them")
     files, skipped = [], []
-    for root, dirs, names in os.walk(input_path):
+    def unreadable(error: OSError) -> None:
+        raise DataError(f"cannot list {error.filename!r}: {error.strerror}; make it readable or move it out of "
+                        f"--input_path {input_path!r}")
+
+    for root, dirs, names in os.walk(input_path, onerror=unreadable):
         dirs.sort()
         for name in names:
             path = os.path.join(root, name)
-            (files if document_kind(path) else skipped).append(path)
+            # A named pipe or device with a corpus suffix would block the reader forever.
+            kind = document_kind(path) and os.path.isfile(path)
+            (files if kind else skipped).append(path)
     if skipped:
         logger.warning("skipping %d files without a .jsonl/.json/.txt suffix under %s, e.g. %s",
                        len(skipped), input_path, sorted(skipped)[0])
@@ -329,6 +335,11 @@ def extract_text(record: RawRecord, json_keys: Sequence[str]) -> str:
                 f"invalid JSON in {record.path}, line {record.line}, byte offset {offset}: {error.msg}; "
                 f"fix the line or pass --skip_invalid to skip it"
             ) from None
+        except RecursionError:
+            raise InvalidRecordError(
+                f"{record.location()} nests JSON arrays or objects too deeply to parse; fix the line or pass "
+                f"--skip_invalid to skip it"
+            ) from None
     else:
         value = record.payload
     if not isinstance(value, dict):
@@ -390,7 +401,7 @@ def plain_jsonl_texts(block: RecordBlock, json_keys: Sequence[str]) -> Union[lis
         if set(map(type, itertools.chain.from_iterable(parts))) != {str}:
             return None
         return list(map("\n".join, parts))
-    except (ValueError, KeyError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+    except (ValueError, KeyError, RecursionError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         return None
 
 

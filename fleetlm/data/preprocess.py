@@ -141,14 +141,18 @@ class TaskEncoder:
         return TaskResult(np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.int32), 0, 0, 0, 0, message)
 
 
-def _worker_loop(connection, encoder: Optional[TaskEncoder], tokenizer_path: str, json_keys: Sequence[str],
-                 append_eos: bool, skip_invalid: bool) -> None:
+def _worker_loop(connection, inherited: list, encoder: Optional[TaskEncoder], tokenizer_path: str,
+                 json_keys: Sequence[str], append_eos: bool, skip_invalid: bool) -> None:
     """Encode the tasks that arrive on ``connection`` and send back each result, until None arrives."""
     # Ctrl-C reaches every process of the terminal's process group; the main process alone decides
     # to stop, and then ends the workers. SIGTERM ends a worker at once: it shares no lock with the
     # other processes, so its end cannot block them.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    # Closing the main process's pipe ends that a forked worker inherits leaves the main process as
+    # the only reader of each pipe, so when it dies a worker's send fails at once instead of waiting.
+    for other in inherited:
+        other.close()
     # A forked worker inherits the parent's encoder, loaded tokenizer included. A spawned one gets
     # None, because a loaded tokenizer cannot be pickled, and loads the tokenizer again.
     if encoder is None:
@@ -160,7 +164,10 @@ def _worker_loop(connection, encoder: Optional[TaskEncoder], tokenizer_path: str
             return
         if task is None:
             return
-        connection.send(encoder.encode_task(task))
+        try:
+            connection.send(encoder.encode_task(task))
+        except OSError:  # the main process has ended
+            return
 
 
 def _tasks(blocks: Iterator[RecordBlock]) -> Iterator[list[RecordBlock]]:
@@ -243,7 +250,9 @@ def _ordered_results(tasks: Iterator[list[RecordBlock]], encoder: TaskEncoder, t
     try:
         for _ in range(workers):
             ours, theirs = context.Pipe()
-            process = context.Process(target=_worker_loop, args=(theirs, *args), daemon=True)
+            # A forked worker also gets the main process's end of its own pipe and of the earlier ones.
+            inherited = [*connections, ours] if method == "fork" else []
+            process = context.Process(target=_worker_loop, args=(theirs, inherited, *args), daemon=True)
             process.start()
             theirs.close()  # the worker's end stays open only in the worker, so its death reads as EOF here
             processes.append(process)

@@ -3,6 +3,7 @@
 import gzip
 import io
 import json
+import os
 
 import pytest
 
@@ -170,3 +171,17 @@ def test_plain_jsonl_texts_rejects_lines_that_parse_only_when_joined():
     # Three invalid lines that make three objects if the block were parsed as one array.
     lines = ['{"text": [{"text": "a"}', '{"text": "b"}]}', '{"text": "c"},{"text": "d"}']
     assert corpus.plain_jsonl_texts(_block(lines), ["text"]) is None
+
+
+def test_named_pipe_with_corpus_suffix_skipped(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"text": "a"}\n')
+    os.mkfifo(tmp_path / "pipe.txt")
+    assert corpus.list_input_files(str(tmp_path)) == [str(tmp_path / "a.jsonl")]
+
+
+def test_deeply_nested_json_is_invalid_record(tmp_path):
+    path = tmp_path / "deep.jsonl"
+    path.write_text('{"text": "x", "d": ' + "[" * 100000 + "]" * 100000 + "}\n")
+    (record,) = list(iter_raw_records([str(path)]))
+    with pytest.raises(InvalidRecordError, match="line 1, byte offset 0 nests JSON arrays or objects too deeply"):
+        corpus.extract_text(record, ["text"])

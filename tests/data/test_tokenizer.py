@@ -146,3 +146,13 @@ def test_every_registered_name_resolves_or_names_the_gap():
             continue
         with pytest.raises(TokenizerError, match="is a registered model name, but fleetlm bundles no tokenizer"):
             load_tokenizer(name)
+
+
+@pytest.mark.parametrize("name", sorted(TOKENIZERS))
+def test_special_token_text_stays_ordinary(name):
+    # Web text can contain "</s>" or "<|endoftext|>"; only --append_eos may put EOS ids into the data.
+    tokenizer = load_tokenizer(TOKENIZERS[name])
+    text = "a <s> b </s> c <unk> d <|endoftext|> e"
+    ids, _ = tokenizer.encode_batch_flat([text])
+    assert tokenizer.eos_token_id not in ids.tolist()
+    assert tokenizer.eos_token_id not in tokenizer.encode(text)

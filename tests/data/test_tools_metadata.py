@@ -121,7 +121,7 @@ def test_merge_without_metadata_warns(tmp_path):
     os.remove(tmp_path / "b.meta.json")  # as in a file that PaddleNLP wrote
     (tmp_path / "merged.meta.json").write_text("{}")  # left by an earlier merge
     result = run("merge_data.py", "--input", str(tmp_path / "a"), str(tmp_path / "b"),
-                 "--output_prefix", str(tmp_path / "merged"))
+                 "--output_prefix", str(tmp_path / "merged"), "--overwrite")
 
     assert result.returncode == 0, result.stderr
     warnings = [line for line in result.stderr.splitlines() if "WARNING" in line]
@@ -188,3 +188,23 @@ def test_inspect_shows_metadata(tmp_path):
     assert '"sha256": ' in shown.stdout
     assert absent.returncode == 0, absent.stderr
     assert "metadata:   none" in absent.stdout
+
+
+def test_merge_keeps_existing_output(tmp_path):
+    tokenize(PLAYS["hamlet"], str(tmp_path / "a"), "gpt2")
+    tokenize(PLAYS["tempest"], str(tmp_path / "b"), "gpt2")
+    before = (tmp_path / "b.bin").read_bytes()
+    result = run("merge_data.py", "--input", str(tmp_path / "a"), "--output_prefix", str(tmp_path / "b"))
+
+    assert result.returncode == 2
+    assert f"{tmp_path / 'b'}.bin already exists; pass --overwrite" in result.stderr
+    assert (tmp_path / "b.bin").read_bytes() == before
+
+
+def test_merge_directory_skips_its_own_output(tmp_path):
+    tokenize(PLAYS["hamlet"], str(tmp_path / "a"), "gpt2")
+    tokenize(PLAYS["tempest"], str(tmp_path / "b"), "gpt2")
+    for _ in range(2):
+        result = run("merge_data.py", "--input", str(tmp_path), "--output_prefix", str(tmp_path / "all"), "--overwrite")
+        assert result.returncode == 0, result.stderr
+        assert "inputs 2," in result.stdout

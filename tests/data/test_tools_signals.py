@@ -167,3 +167,27 @@ def test_sigterm_during_merge(tmp_path):
     assert os.listdir(tmp_path / "out") == []
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: terminated by SIGTERM")
+
+
+def test_workers_end_with_killed_main_process(tmp_path, big_corpus):
+    # SIGKILL to the main process alone: its workers must notice and end instead of waiting forever.
+    process = subprocess.Popen(create_command(big_corpus, str(tmp_path / "out"), 2), cwd=REPO_ROOT,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    children_file = f"/proc/{process.pid}/task/{process.pid}/children"
+    deadline = time.monotonic() + 30
+    workers = []
+    while time.monotonic() < deadline and process.poll() is None and len(workers) < 2:
+        with open(children_file) as handle:
+            workers = handle.read().split()
+        time.sleep(0.01)
+    assert len(workers) == 2, "the tool ended before its workers started; use a larger input"
+    time.sleep(0.5)  # let the workers take tasks
+    process.kill()
+    process.wait()
+    try:
+        assert_process_group_gone(process.pid)
+    finally:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
