@@ -25,6 +25,9 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from fleetlm.models.registry import MODEL_REGISTRY, bundled_tokenizer_files
+from fleetlm.utils.log import get_logger
+
+logger = get_logger(__name__)
 
 # Model names that ``load_tokenizer`` resolves to a tokenizer file, for the model registry to fill in.
 # A name found here wins over a path of the same spelling.
@@ -145,6 +148,12 @@ def load_tokenizer(name_or_path: str) -> Tokenizer:
         raise TokenizerError(
             f"tokenizer not found: {name_or_path!r} is neither an existing file or directory nor a registered "
             f"model name; pass the path of a tokenizer.model, tokenizer.json or *.tiktoken file"
+        )
+    if name_or_path in TOKENIZER_FILES_BY_MODEL_NAME:
+        logger.warning(
+            "%s is a registered model name; fleetlm uses its bundled stand-in tokenizer %s, whose ids may differ "
+            "from that checkpoint's own tokenizer. Pass the checkpoint's tokenizer file for data it will train on.",
+            name_or_path, path,
         )
     if os.path.isdir(path):
         path = _find_tokenizer_file(path)

@@ -129,7 +129,8 @@ def list_input_files(input_path: str) -> list[str]:
         for name in names:
             path = os.path.join(root, name)
             # A named pipe or device with a corpus suffix would block the reader forever.
-            kind = document_kind(path) and os.path.isfile(path)
+            # PREFIX.meta.json beside token files written into the corpus directory is not a corpus file.
+            kind = document_kind(path) and os.path.isfile(path) and not name.endswith(".meta.json")
             (files if kind else skipped).append(path)
     if skipped:
         logger.warning("skipping %d files without a .jsonl/.json/.txt suffix under %s, e.g. %s",

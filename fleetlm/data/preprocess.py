@@ -309,9 +309,10 @@ def _receive(connection, process) -> TaskResult:
         process.join(timeout=5)
         code = process.exitcode
         ending = f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with status {code}"
+        hint = " A kill by signal 9 is often the kernel's out-of-memory killer: use fewer --workers." if code == -9 else ""
         raise DataError(
             f"worker process {process.pid} {ending} while tokenizing, so its documents are missing; no output "
-            f"files were written. A kill by signal 9 is often the kernel's out-of-memory killer: use fewer --workers"
+            f"files were written.{hint}"
         ) from None
 
 

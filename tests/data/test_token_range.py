@@ -42,3 +42,12 @@ def test_id_beyond_vocab_rejected(tmp_path):
     check_token_ids(f"1 {small} 1 {large}", vocab_size=601)
     with pytest.raises(DataError, match=r"large contains token id 600, but the model's vocab_size is 512; set vocab_size to at least 601"):
         check_token_ids(f"1 {small} 1 {large}", vocab_size=512)
+
+
+def test_negative_id_rejected(tmp_path):
+    prefix = str(tmp_path / "neg")
+    with IndexedDatasetWriter(prefix, np.int32) as writer:
+        writer.add_document(np.array([5, -1, 7], dtype=np.int32))
+        writer.finalize()
+    with pytest.raises(DataError, match=r"neg contains token id -1; token ids must be 0 or more"):
+        check_token_ids(prefix, vocab_size=512)
