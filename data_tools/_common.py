@@ -50,6 +50,16 @@ def _install_stop_handlers() -> None:
         signal.signal(signal.SIGTERM, _on_stop_signal)
 
 
+def check_output_prefix(parser, prefix: str, overwrite: bool, example: str) -> None:
+    """Exit with status 2 (``parser.error``) for an output prefix with a suffix, or whose files exist without ``overwrite``."""
+    if not os.path.basename(prefix) or prefix.endswith((".bin", ".idx")):
+        parser.error(f"--output_prefix {prefix!r}: give a path without suffix, e.g. {example} for "
+                     f"{example}.bin and {example}.idx")
+    existing = [path for path in (prefix + ".bin", prefix + ".idx", prefix + ".meta.json") if os.path.exists(path)]
+    if existing and not overwrite:
+        parser.error(f"{existing[0]} already exists; pass --overwrite to replace it, or choose another --output_prefix")
+
+
 def exit_with_error(message: str, status: int = 1) -> NoReturn:
     print(f"error: {message}", file=sys.stderr)
     sys.exit(status)

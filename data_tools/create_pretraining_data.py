@@ -16,7 +16,7 @@ import os
 
 import _common  # noqa: F401 - puts the repository root on sys.path
 
-from _common import run_tool
+from _common import check_output_prefix, run_tool
 
 
 def parse_args() -> argparse.Namespace:
@@ -59,13 +59,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     cores = os.cpu_count() or 1
     if args.workers > 4 * cores:
         parser.error(f"--workers {args.workers} is far above the {cores} CPU cores here; use at most {cores}")
-    prefix = args.output_prefix
-    if not os.path.basename(prefix) or prefix.endswith((".bin", ".idx")):
-        parser.error(f"--output_prefix {prefix!r}: give a path without suffix, e.g. data/corpus for "
-                     "data/corpus.bin and data/corpus.idx")
-    existing = [path for path in (prefix + ".bin", prefix + ".idx", prefix + ".meta.json") if os.path.exists(path)]
-    if existing and not args.overwrite:
-        parser.error(f"{existing[0]} already exists; pass --overwrite to replace it, or choose another --output_prefix")
+    check_output_prefix(parser, args.output_prefix, args.overwrite, "data/corpus")
 
 
 def file_sha256(path: str) -> str:

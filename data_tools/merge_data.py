@@ -16,7 +16,7 @@ import os
 
 import _common  # noqa: F401 - puts the repository root on sys.path
 
-from _common import run_tool
+from _common import check_output_prefix, run_tool
 
 
 def parse_args() -> argparse.Namespace:
@@ -29,13 +29,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing PREFIX.bin/.idx/.meta.json (by default the run stops instead)")
     args = parser.parse_args()
-    prefix = args.output_prefix
-    if not os.path.basename(prefix) or prefix.endswith((".bin", ".idx")):
-        parser.error(f"--output_prefix {prefix!r}: give a path without suffix, e.g. data/merged for "
-                     "data/merged.bin and data/merged.idx")
-    existing = [path for path in (prefix + ".bin", prefix + ".idx", prefix + ".meta.json") if os.path.exists(path)]
-    if existing and not args.overwrite:
-        parser.error(f"{existing[0]} already exists; pass --overwrite to replace it, or choose another --output_prefix")
+    check_output_prefix(parser, args.output_prefix, args.overwrite, "data/merged")
     return args
 
 

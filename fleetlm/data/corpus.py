@@ -376,7 +376,7 @@ def plain_jsonl_texts(block: RecordBlock, json_keys: Sequence[str]) -> Union[lis
     This is the common case of ``extract_text`` without its per-record work: UTF-8 lines, each
     one JSON object whose keys all hold strings. Empty strings are returned too. A block with
     anything else (a byte order mark, blank or padded lines, list values, an escape that may
-    spell a surrogate, any error) gives None, and the caller reads its records one by one, which
+    spell a surrogate, any error) gives None. The caller then reads its records one by one, which
     gives the same texts and locates the error. Each step maps a C function over the whole
     block, which takes a third less time than a Python loop over the lines.
     """

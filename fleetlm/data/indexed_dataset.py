@@ -90,7 +90,7 @@ def dataset_exists(prefix: str) -> bool:
 
 
 # Temporary names are ".BASE.bin.PID.HEX8.tmp" (and .idx, .meta.json): the writer's process id
-# tells a later run whether the file can still be in use.
+# lets a later run check whether the file can still be in use.
 _TEMPORARY_NAME = r"\.{base}\.(?:bin|idx|meta\.json)\.(\d+)\.[0-9a-f]{{8}}\.tmp"
 
 
@@ -220,7 +220,7 @@ class IndexedDatasetWriter:
     def add_sequences(self, sizes: np.ndarray, document_index: np.ndarray, token_bytes: Iterable) -> None:
         """Append whole documents: their sizes, their document index, and their tokens.
 
-        ``token_bytes`` holds bytes-like chunks: bytes, or arrays already in this file's dtype.
+        ``token_bytes`` contains bytes-like chunks: bytes, or arrays already in this file's dtype.
         """
         for chunk in token_bytes:
             self._bin_file.write(chunk)

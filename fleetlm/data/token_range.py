@@ -3,8 +3,8 @@
 An id at or above ``vocab_size``, or below 0, makes the embedding lookup fail at the first batch
 that contains it, which may be hours into a run (or in the first evaluation), and on some devices
 reads out of bounds instead. The smallest and largest id of a token file are found once with a
-chunked scan of the memory map and cached in a small JSON file next to the index cache, keyed by
-the files' sizes and modification times, so later runs skip the scan.
+chunked scan of the memory map. They are cached in a small JSON file next to the index cache,
+keyed by the files' sizes and modification times, so later runs skip the scan.
 """
 
 import json

@@ -292,7 +292,7 @@ def verify_file_sizes(path: str) -> None:
     Raises DamagedCheckpointError for an unreadable or invalid trainer_state.json, or naming the
     first missing or resized file, in name order, so every rank that reads the same files reaches
     the same verdict. Only sizes are compared (a stat per file, no reads), which finds truncated
-    copies and missing shards at any model size; a file damaged inside at its saved size fails
+    copies and missing shards at any model size. A file damaged inside at its saved size fails
     later, when it is loaded. Version 1 checkpoints saved before sizes were recorded only need
     their model and optimizer files.
     """

@@ -1,8 +1,8 @@
 """Stop a run on SIGINT or SIGTERM with a one-line report instead of a traceback.
 
 Start-up (``install`` until ``activate``): both signals end the process at once, as with no handler
-at all. Until the first step there is nothing to save or report, and a Python handler would run
-only when Paddle's C++ code returns: a rank waiting in the rendezvous of ``init_parallel_env``
+at all, because until the first step there is nothing to save or report. A Python handler would run
+only when Paddle's C++ code returns. A rank waiting in the rendezvous of ``init_parallel_env``
 retries its connection in C++ until the launcher's SIGKILL 30 s later, and another rank gets its
 wait interrupted with a traceback.
 Training and evaluation (from ``activate``), one process: the handler raises RunInterrupted at

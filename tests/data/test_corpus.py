@@ -159,7 +159,7 @@ def test_plain_jsonl_texts_declines_other_lines(reason):
     assert corpus.plain_jsonl_texts(_block(PLAIN_LINES + [OTHER_LINES[reason]]), ["text", "title"]) is None
 
 
-def test_plain_jsonl_texts_declines_byte_order_mark_and_bad_utf8():
+def test_plain_jsonl_declines_bom_and_bad_utf8():
     assert corpus.plain_jsonl_texts(_block(PLAIN_LINES, prefix=corpus._UTF8_BOM), ["text"]) is None
     # A byte order mark in the middle of a file is not stripped by extract_text either: that line is invalid.
     assert corpus.plain_jsonl_texts(_block(PLAIN_LINES, first_offset=10, prefix=corpus._UTF8_BOM), ["text"]) is None
@@ -167,7 +167,7 @@ def test_plain_jsonl_texts_declines_byte_order_mark_and_bad_utf8():
     assert corpus.plain_jsonl_texts(bad, ["text"]) is None
 
 
-def test_plain_jsonl_texts_rejects_lines_that_parse_only_when_joined():
+def test_plain_jsonl_declines_lines_joined_into_json():
     # Three invalid lines that make three objects if the block were parsed as one array.
     lines = ['{"text": [{"text": "a"}', '{"text": "b"}]}', '{"text": "c"},{"text": "d"}']
     assert corpus.plain_jsonl_texts(_block(lines), ["text"]) is None

@@ -95,7 +95,7 @@ def test_encode_batch_flat_matches_encode(name):
     tokenizer = load_tokenizer(TOKENIZERS[name])
     texts = ["To be, or not to be", "", "春眠不觉晓，处处闻啼鸟。<|endoftext|>", " \n\n  end " * 40]
     expected = [tokenizer.encode(text) for text in texts]
-    # int64 by default, and the little-endian file dtypes that preprocessing asks for.
+    # int64 by default, and the little-endian file dtypes that preprocessing requests.
     for dtype in (np.int64, np.dtype("<u2") if tokenizer.vocab_size <= 65536 else np.dtype("<i4")):
         ids, lengths = tokenizer.encode_batch_flat(texts, dtype)
         assert ids.dtype == dtype

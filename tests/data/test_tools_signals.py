@@ -67,6 +67,19 @@ def assert_process_group_gone(pid: int) -> None:
     raise AssertionError(f"processes of group {pid} still run after the tool ended")
 
 
+def wait_for_workers(process: subprocess.Popen, count: int) -> list[str]:
+    """Return the process ids of the tool's worker processes once ``count`` of them run."""
+    children_file = f"/proc/{process.pid}/task/{process.pid}/children"
+    deadline = time.monotonic() + 30
+    workers = []
+    while time.monotonic() < deadline and process.poll() is None and len(workers) < count:
+        with open(children_file) as handle:
+            workers = handle.read().split()
+        time.sleep(0.01)
+    assert len(workers) == count, "the tool ended before its workers started; use a larger input"
+    return workers
+
+
 def create_command(corpus: str, prefix: str, workers: int, *extra: str) -> list[str]:
     return [sys.executable, CREATE, "--tokenizer_name_or_path", TOKENIZERS["gpt2"], "--input_path", corpus,
             "--output_prefix", prefix, "--workers", str(workers), *extra]
@@ -125,14 +138,7 @@ def test_killed_worker_stops_the_run(tmp_path, big_corpus):
     # A worker killed on its own (the kernel's out-of-memory killer) ends the run with an error.
     process = subprocess.Popen(create_command(big_corpus, str(tmp_path / "out"), 2), cwd=REPO_ROOT,
                                stderr=subprocess.PIPE, text=True, start_new_session=True)
-    children_file = f"/proc/{process.pid}/task/{process.pid}/children"
-    deadline = time.monotonic() + 30
-    workers = []
-    while time.monotonic() < deadline and process.poll() is None and len(workers) < 2:
-        with open(children_file) as handle:
-            workers = handle.read().split()
-        time.sleep(0.01)
-    assert len(workers) == 2, "the tool ended before its workers started; use a larger input"
+    workers = wait_for_workers(process, 2)
     os.kill(int(workers[1]), signal.SIGKILL)
     _, stderr = process.communicate(timeout=30)
 
@@ -173,14 +179,7 @@ def test_workers_end_with_killed_main_process(tmp_path, big_corpus):
     # SIGKILL to the main process alone: its workers must notice and end instead of waiting forever.
     process = subprocess.Popen(create_command(big_corpus, str(tmp_path / "out"), 2), cwd=REPO_ROOT,
                                stderr=subprocess.DEVNULL, start_new_session=True)
-    children_file = f"/proc/{process.pid}/task/{process.pid}/children"
-    deadline = time.monotonic() + 30
-    workers = []
-    while time.monotonic() < deadline and process.poll() is None and len(workers) < 2:
-        with open(children_file) as handle:
-            workers = handle.read().split()
-        time.sleep(0.01)
-    assert len(workers) == 2, "the tool ended before its workers started; use a larger input"
+    wait_for_workers(process, 2)
     time.sleep(0.5)  # let the workers take tasks
     process.kill()
     process.wait()

@@ -47,10 +47,10 @@ def main() -> None:
     check_sequence_parallel(recorder, rank)
     check_load_state_dict(recorder, rank)
     recorder.write(out_dir_argument())
-    # NOTE: once, on a machine loaded with other test runs, rank 0 died of a segfault (exit -11)
-    # after writing its results, in interpreter teardown; the cause was not found. The unpatched_*
-    # checks leave Paddle's CPU collectives after failed calls, which a training run never does.
-    # Both ranks wait for each other and leave without teardown, so the results decide the test.
+    # NOTE: on a machine loaded with other test runs, rank 0 once died of a segfault (exit -11) in
+    # interpreter teardown, after writing its results. The cause is unknown. The unpatched_* checks
+    # leave Paddle's CPU collectives after failed calls, which a training run never does, so both
+    # ranks wait for each other and leave without teardown, and the results decide the test.
     dist.barrier()
     sys.stdout.flush()
     sys.stderr.flush()
