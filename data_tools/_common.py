@@ -55,9 +55,20 @@ def check_output_prefix(parser, prefix: str, overwrite: bool, example: str) -> N
     if not os.path.basename(prefix) or prefix.endswith((".bin", ".idx")):
         parser.error(f"--output_prefix {prefix!r}: give a path without suffix, e.g. {example} for "
                      f"{example}.bin and {example}.idx")
-    existing = [path for path in (prefix + ".bin", prefix + ".idx", prefix + ".meta.json") if os.path.exists(path)]
+    outputs = (prefix + ".bin", prefix + ".idx", prefix + ".meta.json")
+    for path in outputs:
+        if os.path.isdir(path):
+            parser.error(f"{path} is a directory; remove it or choose another --output_prefix")
+    existing = [path for path in outputs if os.path.exists(path)]
     if existing and not overwrite:
         parser.error(f"{existing[0]} already exists; pass --overwrite to replace it, or choose another --output_prefix")
+
+
+def check_json_keys(parser, keys: list) -> None:
+    """Exit with status 2 when ``--json_key`` names a key twice, which would repeat its text in every document."""
+    repeated = sorted({key for key in keys if keys.count(key) > 1})
+    if repeated:
+        parser.error(f"--json_key names {', '.join(map(repr, repeated))} more than once; give each key once")
 
 
 def exit_with_error(message: str, status: int = 1) -> NoReturn:

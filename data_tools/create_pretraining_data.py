@@ -16,7 +16,7 @@ import os
 
 import _common  # noqa: F401 - puts the repository root on sys.path
 
-from _common import check_output_prefix, run_tool
+from _common import check_json_keys, check_output_prefix, run_tool
 
 
 def parse_args() -> argparse.Namespace:
@@ -58,7 +58,9 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"--log_interval {args.log_interval}: must be at least 1")
     cores = os.cpu_count() or 1
     if args.workers > 4 * cores:
-        parser.error(f"--workers {args.workers} is far above the {cores} CPU cores here; use at most {cores}")
+        parser.error(f"--workers {args.workers} is more than 4 per CPU core ({cores} cores here, so at most "
+                     f"{4 * cores}); one worker per core, --workers {cores}, is the fastest")
+    check_json_keys(parser, args.json_key)
     check_output_prefix(parser, args.output_prefix, args.overwrite, "data/corpus")
 
 

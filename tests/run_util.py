@@ -20,15 +20,28 @@ def _env() -> Dict[str, str]:
     return env
 
 
-def _read_logs(log_dir: str) -> str:
+def _read_logs(log_dir: str, tail: int = 5000) -> str:
+    """The last ``tail`` characters of each worker's log (the launcher's env dumps left out)."""
     if not log_dir or not os.path.isdir(log_dir):
         return ""
     parts = []
     for name in sorted(os.listdir(log_dir)):
         path = os.path.join(log_dir, name)
-        if os.path.isfile(path):
+        if name.startswith("workerlog.") and os.path.isfile(path):
             with open(path, errors="replace") as f:
-                parts.append(f"----- {name} -----\n{f.read()[-5000:]}")
+                parts.append(f"----- {name} -----\n{f.read()[-tail:]}")
+    return "\n".join(parts)
+
+
+def describe(result: subprocess.CompletedProcess, tail: int = 3000) -> str:
+    """Exit status, the launcher's own output and every worker log's tail, for an assertion message.
+
+    Every worker gets its share: a failure on rank 1 is not pushed out by rank 0's longer log.
+    """
+    parts = [f"exit status {result.returncode}: {' '.join(result.args)}",
+             f"----- launcher / process output -----\n{result.stdout[-tail:]}"]
+    if getattr(result, "log_dir", None):
+        parts.append(_read_logs(result.log_dir, tail))
     return "\n".join(parts)
 
 
@@ -61,6 +74,7 @@ def run_pretrain(
         raise AssertionError(f"timed out after {timeout} s: {' '.join(command)}\n{output[-5000:]}\n{_read_logs(log_dir)}")
     result = subprocess.CompletedProcess(command, process.returncode, output, "")
     result.logs = _read_logs(log_dir) if nproc > 1 else output
+    result.log_dir = log_dir if nproc > 1 else None
     return result
 
 
@@ -72,3 +86,31 @@ def read_metrics(output_dir: str) -> List[dict]:
 def train_records(output_dir: str) -> List[dict]:
     """The per-step training records (not eval records) of a run, in step order."""
     return [r for r in read_metrics(output_dir) if "loss" in r]
+
+
+class RunCache:
+    """Launches each keyed run once and shares it between the tests of a module.
+
+    A failed launch is remembered too: every later test that needs the run fails with the first
+    launch's report instead of relaunching into the half-written output directory.
+    """
+
+    def __init__(self, root: str, base_args):
+        self.root = root
+        self.base_args = base_args  # output_dir -> the arguments every run shares
+        self.done: Dict[str, tuple] = {}
+        self.failed: Dict[str, str] = {}
+
+    def launch(self, key: str, nproc: int, extra: List[str]) -> tuple:
+        """Return ``(output_dir, worker logs)`` of run ``key``, launching it on first request."""
+        if key in self.failed:
+            raise AssertionError(f"{key} failed earlier in this module:\n{self.failed[key]}")
+        if key not in self.done:
+            output_dir = os.path.join(self.root, key)
+            result = run_pretrain(self.base_args(output_dir) + extra, nproc=nproc,
+                                  log_dir=os.path.join(self.root, f"log-{key}"))
+            if result.returncode != 0:
+                self.failed[key] = describe(result)
+                raise AssertionError(f"{key} failed:\n{self.failed[key]}")
+            self.done[key] = (output_dir, result.logs)
+        return self.done[key]

@@ -5,7 +5,7 @@ import os
 import numpy as np
 import paddle
 import pytest
-from run_util import run_pretrain, train_records
+from run_util import describe, run_pretrain, train_records
 
 
 def args_for(tokens, output_dir, micro_batch, *extra):
@@ -26,7 +26,7 @@ def runs(pattern_tokens, tmp_path_factory):
     assert result.returncode == 0, result.stdout[-5000:]
     dp2 = str(root / "dp2")
     result = run_pretrain(args_for(pattern_tokens, dp2, 2), nproc=2, log_dir=str(root / "log"))
-    assert result.returncode == 0, result.logs
+    assert result.returncode == 0, describe(result)
     return single, dp2, result.logs
 
 

@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from run_util import REPO_ROOT, run_pretrain, train_records
+from run_util import REPO_ROOT, describe, run_pretrain, train_records
 
 DEMO_CONFIG = os.path.join(REPO_ROOT, "llama", "pretrain_llama-15m-shakespeare-demo.json")
 PLAYS = os.path.join(REPO_ROOT, "examples", "data", "shakespeare")
@@ -39,7 +39,7 @@ def test_demo_config_trains_through_launcher(demo_data):
         "--save_steps", "4", "--disable_tqdm", "true",
     ]
     result = run_pretrain([DEMO_CONFIG, *overrides], nproc=2, log_dir=str(demo_data / "log"))
-    assert result.returncode == 0, result.logs
+    assert result.returncode == 0, describe(result)
 
     records = train_records(str(output_dir))
     assert [r["step"] for r in records] == [2, 4, 6, 8]

@@ -15,7 +15,7 @@ import shutil
 import numpy as np
 import paddle
 import pytest
-from run_util import run_pretrain, train_records
+from run_util import describe, run_pretrain, train_records
 
 from fleetlm.arguments import ConfigError
 from fleetlm.export import export_checkpoint, main as export_main, read_checkpoint
@@ -74,7 +74,7 @@ class Runs:
         output_dir = os.path.join(self.root, key)
         result = run_pretrain(base_args(self.tokens, output_dir, steps) + extra, nproc=nproc,
                               log_dir=os.path.join(self.root, f"log-{key}"))
-        assert result.returncode == 0, f"{key} failed:\n{result.logs[-8000:]}"
+        assert result.returncode == 0, f"{key} failed:\n{describe(result)}"
         return output_dir, result.logs
 
     def checkpoint(self, name):

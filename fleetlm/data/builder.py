@@ -47,6 +47,8 @@ def parse_split(split: str) -> list[float]:
             raise DataError(f"split {split!r} has the invalid field {field!r}; every weight must be a finite number >= 0")
         weights.append(weight)
     total = sum(weights)
+    if not math.isfinite(total):
+        raise DataError(f"split {split!r} sums to more than the largest float; use small weights such as \"949,50,1\"")
     if total == 0:
         raise DataError(f"split {split!r} gives every split weight 0; give the train split a positive weight")
     weights += [0.0] * (len(SPLIT_NAMES) - len(weights))
@@ -84,7 +86,15 @@ def parse_input_dir(input_dir: str) -> list[Source]:
                 ) from None
             if not math.isfinite(weight) or weight < 0:
                 raise DataError(f"input_dir {input_dir!r} gives {prefix!r} the invalid weight {weight_text!r}; use >= 0")
+            for earlier in sources:
+                if os.path.abspath(earlier.prefix) == os.path.abspath(prefix):
+                    raise DataError(
+                        f"input_dir {input_dir!r} names {prefix!r} twice (weights {earlier.weight:g} and {weight_text}); "
+                        f"give it once with the summed weight {earlier.weight + weight:g}"
+                    )
             sources.append(Source(weight, prefix))
+        if not math.isfinite(sum(source.weight for source in sources)):
+            raise DataError(f"input_dir {input_dir!r} has weights that sum to more than the largest float; use small weights")
         if sum(source.weight for source in sources) == 0:
             raise DataError(f"input_dir {input_dir!r} gives every source weight 0; give at least one a positive weight")
         return [source for source in sources if source.weight > 0]

@@ -207,12 +207,23 @@ def _read_errors() -> tuple:
     return (OSError, EOFError, zstandard.ZstdError)
 
 
+def _read_error_hint(error: BaseException) -> str:
+    """Suggest the likely fix for a read error: permissions, the file system, or a damaged file."""
+    if isinstance(error, PermissionError):
+        return "check the file's permissions"
+    if isinstance(error, IsADirectoryError):
+        return "pass the directory itself as --input_path"
+    if isinstance(error, OSError) and not isinstance(error, gzip.BadGzipFile) and error.errno is not None:
+        return "check the file system it is on"
+    return "the file is truncated or damaged; copy or download it again"
+
+
 def _read_all(path: str) -> bytes:
     try:
         with open_binary(path) as handle:
             return handle.read()
     except _read_errors() as error:
-        raise DataError(f"cannot read {path!r}: {error}; check that the file is complete") from None
+        raise DataError(f"cannot read {path!r}: {error}; {_read_error_hint(error)}") from None
 
 
 def iter_record_blocks(paths: Sequence[str], skip_invalid: bool = False) -> Iterator[RecordBlock]:
@@ -277,7 +288,7 @@ def _iter_jsonl_blocks(path: str) -> Iterator[RecordBlock]:
                 parts = [chunk[cut:]]
     except _read_errors() as error:
         raise DataError(
-            f"cannot read {path!r} after byte offset {consumed}: {error}; check that the file is complete"
+            f"cannot read {path!r} after byte offset {consumed}: {error}; {_read_error_hint(error)}"
         ) from None
     last = b"".join(parts)
     if last:
@@ -409,12 +420,23 @@ def plain_jsonl_texts(block: RecordBlock, json_keys: Sequence[str]) -> Union[lis
 def _field_text(field, key: str, record: RawRecord) -> str:
     if isinstance(field, str):
         return field
-    if isinstance(field, list) and all(isinstance(item, str) for item in field):
+    if isinstance(field, list):
+        for index, item in enumerate(field):
+            if not isinstance(item, str):
+                raise InvalidRecordError(
+                    f"{record.location()}: key {key!r} is a list whose item {index} is a {type(item).__name__} "
+                    f"({_shorten(item)}), expected a string; fix the record or pass --skip_invalid to skip it"
+                )
         return "\n".join(field)
     raise InvalidRecordError(
         f"{record.location()}: key {key!r} has a value of type {type(field).__name__}, expected a string or a "
         f"list of strings; fix the record or pass --skip_invalid to skip it"
     )
+
+
+def _shorten(value, limit: int = 40) -> str:
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def iter_documents(input_path: str, json_keys: Sequence[str], skip_invalid: bool = False) -> Iterator[str]:

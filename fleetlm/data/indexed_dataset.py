@@ -89,9 +89,16 @@ def dataset_exists(prefix: str) -> bool:
     return mmap_pair or npy_pair
 
 
-# Temporary names are ".BASE.bin.PID.HEX8.tmp" (and .idx, .meta.json): the writer's process id
-# lets a later run check whether the file can still be in use.
-_TEMPORARY_NAME = r"\.{base}\.(?:bin|idx|meta\.json)\.(\d+)\.[0-9a-f]{{8}}\.tmp"
+# Temporary names are ".BASE.bin.PID.HEX8.tmp" (and .idx, .meta.json; train_tokenizer.py writes
+# ".BASE.tokenizer.PID.HEX8.tmp.model" and ".vocab"): the writer's process id lets a later run
+# check whether the file can still be in use.
+_TEMPORARY_NAME = r"\.{base}\.(?:bin|idx|meta\.json|tokenizer)\.(\d+)\.[0-9a-f]{{8}}\.tmp(?:\.model|\.vocab)?"
+
+
+def temporary_name(prefix: str, kind: str) -> str:
+    """A hidden, unique temporary path beside ``prefix`` for output ``kind`` that names this process."""
+    directory, base = os.path.split(os.path.abspath(prefix))
+    return os.path.join(directory, f".{base}.{kind}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
 
 
 def _process_is_running(pid: int) -> bool:
@@ -185,11 +192,9 @@ class IndexedDatasetWriter:
             raise DataError(f"output directory {directory!r} does not exist; create it or change --output_prefix")
         remove_stale_temporary_files(prefix)
         # Hidden, unique temporary names in the output directory, so the final rename stays on one file system.
-        tag = f"{os.getpid()}.{uuid.uuid4().hex[:8]}"
-        base = os.path.basename(prefix)
-        self._bin_tmp_path = os.path.join(directory, f".{base}.bin.{tag}.tmp")
-        self._idx_tmp_path = os.path.join(directory, f".{base}.idx.{tag}.tmp")
-        self._metadata_tmp_path = os.path.join(directory, f".{base}.meta.json.{tag}.tmp")
+        self._bin_tmp_path = temporary_name(prefix, "bin")
+        self._idx_tmp_path = temporary_name(prefix, "idx")
+        self._metadata_tmp_path = temporary_name(prefix, "meta.json")
         self._bin_file = open(self._bin_tmp_path, "xb")
         # Sizes and document ends of single documents collect in lists; merged files arrive as arrays.
         self._sizes: list[int] = []
@@ -266,7 +271,16 @@ class IndexedDatasetWriter:
                           sequences=len(sizes), tokens=self.num_tokens)
             _write_json_synced(self._metadata_tmp_path, record)
 
+        targets = [bin_path(self.prefix), metadata_path(self.prefix), idx_path(self.prefix)]
+        for target in targets:
+            if os.path.isdir(target):
+                raise DataError(f"{target} is a directory; remove it or choose another output prefix "
+                                "(no output files were written)")
         with _stop_signals_blocked():
+            # An older .idx goes first: if a later rename fails, the prefix has no index instead of
+            # an index that describes another .bin.
+            if os.path.exists(idx_path(self.prefix)):
+                os.remove(idx_path(self.prefix))
             os.replace(self._bin_tmp_path, bin_path(self.prefix))
             if self.metadata is not None:
                 os.replace(self._metadata_tmp_path, metadata_path(self.prefix))
@@ -502,6 +516,11 @@ def read_token_metadata(prefix: str) -> Optional[dict]:
                         f"it) or regenerate the token files") from None
     if not isinstance(record, dict):
         raise DataError(f"metadata file {path!r} does not contain a JSON object; delete it or regenerate the token files")
+    tokenizer = record.get("tokenizer", {})
+    if not isinstance(tokenizer, dict):
+        raise DataError(f"metadata file {path!r}: \"tokenizer\" is {tokenizer!r}, not an object with the tokenizer's "
+                        "name, sha256 and vocab_size; delete the file (the token files do not need it) or regenerate "
+                        "the token files")
     return record
 
 

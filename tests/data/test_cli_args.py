@@ -19,7 +19,8 @@ def run_tool(*args):
 
 @pytest.mark.parametrize("args, expected", [
     (["--workers", "0"], "--workers 0: must be at least 1"),
-    (["--workers", "100000"], "is far above the"),
+    (["--workers", "100000"], "is more than 4 per CPU core"),
+    (["--json_key", "text", "title", "text"], "--json_key names 'text' more than once; give each key once"),
     (["--log_interval", "0"], "--log_interval 0: must be at least 1"),
 ])
 def test_bad_numbers_exit_2(tmp_path, args, expected):
@@ -56,3 +57,16 @@ def test_registered_name_without_tokenizer_explained(tmp_path):
         "error: tokenizer not found: 'THUDM/glm-130b' is a registered model name, but fleetlm bundles no tokenizer "
         "for it; pass the path of that checkpoint's tokenizer file (tokenizer.model, tokenizer.json or *.tiktoken)")
     assert not os.path.exists(tmp_path / "out2.bin")
+
+
+@pytest.mark.parametrize("name", ["out.meta.json", "out.idx"])
+def test_directory_in_place_of_output_rejected_before_writing(tmp_path, name):
+    prefix = str(tmp_path / "out")
+    assert run_tool("--output_prefix", prefix).returncode == 0
+    os.remove(os.path.join(tmp_path, name))
+    os.mkdir(os.path.join(tmp_path, name))
+    before = open(prefix + ".bin", "rb").read()
+    result = run_tool("--output_prefix", prefix, "--overwrite", "--append_eos")
+    assert result.returncode == 2
+    assert f"{name} is a directory; remove it or choose another --output_prefix" in result.stderr
+    assert open(prefix + ".bin", "rb").read() == before

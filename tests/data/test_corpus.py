@@ -108,8 +108,18 @@ def test_zstd_frames_and_truncation(tmp_path):
     with pytest.raises(EOFError, match="truncated"):
         with corpus.open_binary(str(cut)) as handle:
             handle.read()
-    with pytest.raises(corpus.DataError, match="check that the file is complete"):
+    with pytest.raises(corpus.DataError, match="the file is truncated or damaged; copy or download it again"):
         list(iter_raw_records([str(cut)]))
+
+
+@pytest.mark.parametrize("error, hint", [
+    (PermissionError(13, "Permission denied"), "check the file's permissions"),
+    (OSError(5, "Input/output error"), "check the file system it is on"),
+    (EOFError("Compressed file ended before the end-of-stream marker was reached"), "truncated or damaged"),
+])
+def test_read_error_hint(error, hint):
+    # Tests run as root here, which reads files without read permission, so the hint is checked directly.
+    assert hint in corpus._read_error_hint(error)
 
 
 def test_unpaired_surrogate_rejected_with_location(tmp_path):

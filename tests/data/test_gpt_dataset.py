@@ -161,6 +161,7 @@ def test_splits_are_disjoint(small_file):
         ("0,0,0", "gives every split weight 0"),
         ("1,2,3,4", "has 4 fields"),
         ("nan,1", "invalid field 'nan'"),
+        ("1e308,1e308", "sums to more than the largest float"),
     ],
 )
 def test_bad_split_rejected(split, expected):
@@ -392,6 +393,9 @@ def test_directory_input_weights_each_file_equally(tmp_path):
     ("-1 a 1 b", "gives 'a' the invalid weight '-1'"),
     ("0 a 0 b", "gives every source weight 0"),
     ("", "input_dir is empty"),
+    ("0.5 data/a 1 data/b 0.25 data/./a", "names 'data/./a' twice (weights 0.5 and 0.25); give it once with the "
+                                         "summed weight 0.75"),
+    ("1e308 a 1e308 b", "sum to more than the largest float"),
 ])
 def test_bad_input_dir_rejected(input_dir, expected):
     with pytest.raises(DataError) as error:

@@ -290,3 +290,18 @@ def test_scattered_pointer_outside_bin_rejected(tmp_path):
     with pytest.raises(DataError, match=r"sequence 0 \(3 tokens at byte 14\) lies outside"):
         merge_token_files([prefix], str(tmp_path / "out"))
     assert not os.path.exists(tmp_path / "out.bin")
+
+
+def test_writer_refuses_directory_target_and_keeps_older_pair(tmp_path):
+    prefix = str(tmp_path / "docs")
+    with IndexedDatasetWriter(prefix, np.uint16) as writer:
+        writer.add_document(np.arange(5))
+        writer.finalize()
+    older = {name: (tmp_path / name).read_bytes() for name in ("docs.bin", "docs.idx")}
+    (tmp_path / "docs.meta.json").mkdir()
+    with pytest.raises(DataError, match=r"docs\.meta\.json is a directory"):
+        with IndexedDatasetWriter(prefix, np.uint16, metadata={"tool": "test"}) as writer:
+            writer.add_document(np.arange(9))
+            writer.finalize()
+    assert sorted(os.listdir(tmp_path)) == ["docs.bin", "docs.idx", "docs.meta.json"]
+    assert {name: (tmp_path / name).read_bytes() for name in older} == older

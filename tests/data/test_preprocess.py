@@ -192,6 +192,13 @@ def test_missing_key_reports_line(tmp_path):
     assert "--json_key" in message
 
 
+def test_list_with_non_string_item_names_the_item(tmp_path):
+    path = write_jsonl(tmp_path / "in.jsonl", [b'{"text": ["a", "b"]}', b'{"text": ["a", {"b": 1}]}'])
+    with pytest.raises(DataError, match=r"line 2, byte offset 21: key 'text' is a list whose item 1 is a dict \(\{\"b\": 1\}\), "
+                                        r"expected a string"):
+        tokenize_corpus(path, TOKENIZERS["gpt2"], str(tmp_path / "out"))
+
+
 def test_wrong_value_type_rejected(tmp_path):
     path = write_jsonl(tmp_path / "in.jsonl", [b'{"text": 12}'])
     with pytest.raises(DataError, match="key 'text' has a value of type int, expected a string or a list of strings"):

@@ -208,3 +208,19 @@ def test_merge_directory_skips_its_own_output(tmp_path):
         result = run("merge_data.py", "--input", str(tmp_path), "--output_prefix", str(tmp_path / "all"), "--overwrite")
         assert result.returncode == 0, result.stderr
         assert "inputs 2," in result.stdout
+
+
+def test_merge_rejects_metadata_with_malformed_tokenizer(tmp_path):
+    for name in ("a", "b"):
+        tokenize(PLAYS["hamlet"], str(tmp_path / name), "gpt2")
+    metadata_file = tmp_path / "b.meta.json"
+    record = read_json(metadata_file)
+    record["tokenizer"] = "gpt2"
+    metadata_file.write_text(json.dumps(record))
+    result = run("merge_data.py", "--input", str(tmp_path / "a"), str(tmp_path / "b"),
+                 "--output_prefix", str(tmp_path / "merged"))
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: metadata file '{metadata_file}': \"tokenizer\" is 'gpt2', not an object with the tokenizer's name, "
+        "sha256 and vocab_size; delete the file (the token files do not need it) or regenerate the token files")
+    assert not any(name.startswith("merged") for name in os.listdir(tmp_path))

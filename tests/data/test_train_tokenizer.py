@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from conftest import POETRY_DIR, REPO_ROOT, SHAKESPEARE_DIR
 from fleetlm.data.indexed_dataset import open_token_documents
@@ -47,12 +48,67 @@ def test_trained_tokenizer_round_trip(tmp_path):
         assert tokenizer.decode(ids[:-1]) == text, f"document {index} differs"
 
 
-def test_vocab_too_small_rejected(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "data_tools/train_tokenizer.py", "--input_path", SHAKESPEARE_DIR, "--vocab_size", "100",
-         "--output_prefix", str(tmp_path / "bpe")],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+def train(tmp_path, *extra, prefix="bpe"):
+    return subprocess.run(
+        [sys.executable, "data_tools/train_tokenizer.py", "--input_path", os.path.join(SHAKESPEARE_DIR, "macbeth_gut.txt"),
+         "--output_prefix", str(tmp_path / prefix), *extra],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
     )
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--vocab_size", "100"], "--vocab_size 100 is too small"),
+    (["--character_coverage", "1.5"], "--character_coverage 1.5 is outside 0.98..1"),
+    (["--character_coverage", "0.5"], "--character_coverage 0.5 is outside 0.98..1"),
+    (["--max_sentence_length", "5"], "--max_sentence_length 5 is outside 10..1073741824 bytes"),
+    (["--max_sentences", "-1"], "--max_sentences -1 is negative"),
+    (["--workers", "0"], "--workers 0: give 1 or more threads"),
+])
+def test_bad_option_rejected_before_reading(tmp_path, options, message):
+    result = train(tmp_path, *options)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert os.listdir(tmp_path) == []
+
+
+def test_prefix_with_suffix_rejected(tmp_path):
+    result = train(tmp_path, prefix="bpe.model")
+    assert result.returncode == 2
+    assert "give a path without suffix" in result.stderr
+
+
+def test_existing_model_kept_without_overwrite(tmp_path):
+    (tmp_path / "bpe.model").write_bytes(b"older model")
+    result = train(tmp_path, "--vocab_size", "1000")
+    assert result.returncode == 2
+    assert "bpe.model already exists; pass --overwrite" in result.stderr
+    assert (tmp_path / "bpe.model").read_bytes() == b"older model"
+
+
+def test_failed_training_keeps_older_model(tmp_path):
+    (tmp_path / "bpe.model").write_bytes(b"older model")
+    (tmp_path / "bpe.vocab").write_bytes(b"older vocab")
+    # 300 pieces cannot hold the play's characters next to the 256 byte pieces: SentencePiece fails.
+    result = train(tmp_path, "--vocab_size", "300", "--overwrite")
     assert result.returncode == 1
-    assert "--vocab_size 100 is too small" in result.stderr
-    assert not os.path.exists(tmp_path / "bpe.model")
+    assert "SentencePiece training failed" in result.stderr
+    assert sorted(os.listdir(tmp_path)) == ["bpe.model", "bpe.vocab"]  # no temporary files left
+    assert (tmp_path / "bpe.model").read_bytes() == b"older model"
+
+
+def test_overwrite_replaces_model_and_removes_stale_temporary_files(tmp_path):
+    (tmp_path / "bpe.model").write_bytes(b"older model")
+    # Left by a run killed with SIGTERM (process 999999999 does not exist).
+    stale = tmp_path / ".bpe.tokenizer.999999999.0123abcd.tmp.model"
+    stale.write_bytes(b"partial")
+    result = train(tmp_path, "--vocab_size", "1000", "--overwrite")
+    assert result.returncode == 0, result.stderr
+    assert sorted(os.listdir(tmp_path)) == ["bpe.model", "bpe.vocab"]
+    assert load_tokenizer(str(tmp_path / "bpe.model")).vocab_size == 1000
+
+
+def test_directory_in_place_of_output_rejected(tmp_path):
+    (tmp_path / "bpe.vocab").mkdir()
+    result = train(tmp_path, "--vocab_size", "1000", "--overwrite")
+    assert result.returncode == 2
+    assert "bpe.vocab is a directory" in result.stderr

@@ -10,7 +10,7 @@ import os
 
 import numpy as np
 import pytest
-from run_util import run_pretrain, train_records
+from run_util import describe, run_pretrain, train_records
 
 from test_configs import REPO_ROOT
 
@@ -63,6 +63,6 @@ def test_data_parallel_matches_single_process(path, single_runs, pattern_tokens,
     output_dir = str(tmp_path / "dp2")
     result = run_pretrain(debug_args(path, pattern_tokens, output_dir, micro_batch=1), nproc=2,
                           log_dir=str(tmp_path / "log"), timeout=240)
-    assert result.returncode == 0, result.logs
+    assert result.returncode == 0, describe(result)
     expected = [r["loss"] for r in train_records(single_runs[path])]
     np.testing.assert_allclose([r["loss"] for r in train_records(output_dir)], expected, rtol=1e-5)

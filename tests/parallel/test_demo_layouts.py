@@ -12,7 +12,7 @@ import subprocess
 import sys
 
 import pytest
-from run_util import REPO_ROOT, run_pretrain, train_records
+from run_util import REPO_ROOT, describe, run_pretrain, train_records
 
 DEMO_CONFIG = os.path.join(REPO_ROOT, "llama", "pretrain_llama-15m-shakespeare-demo.json")
 PLAYS = os.path.join(REPO_ROOT, "examples", "data", "shakespeare")
@@ -48,7 +48,7 @@ def test_demo_config_runs(demo_data, tmp_path, layout, extra, degrees):
          "--disable_tqdm", "true", *extra],
         nproc=2, log_dir=str(tmp_path / f"log-{layout}"),
     )
-    assert result.returncode == 0, result.logs[-8000:]
+    assert result.returncode == 0, describe(result)
     losses = [r["loss"] for r in train_records(output_dir)]
     assert len(losses) == 2
     assert all(math.isfinite(loss) and 7.0 < loss < 9.0 for loss in losses)  # ln(4096) = 8.3 at the start

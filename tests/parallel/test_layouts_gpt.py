@@ -22,7 +22,7 @@ import os
 import numpy as np
 import paddle
 import pytest
-from run_util import run_pretrain
+from run_util import RunCache
 from test_layouts import (
     EIGHT_LAYERS,
     G8_ONE_READER,
@@ -76,35 +76,21 @@ LAYOUTS = [name for name, (_, reference, _) in RUNS.items() if reference is not 
 RESHARDS = [("pp2_gpt_tied", "single_gpt")]
 
 
-class Runs:
-    """Launches each named run of ``RUNS`` once, on first request, and remembers its output directory and logs."""
+class Runs(RunCache):
+    """The runs of ``RUNS`` and the resumes of ``RESHARDS``, each launched once on first request."""
 
     def __init__(self, tokens, root):
+        super().__init__(root, lambda output_dir: base_args(tokens, output_dir))
         self.tokens = tokens
-        self.root = root
-        self.done = {}
-
-    def launch(self, key, nproc, extra):
-        output_dir = os.path.join(self.root, key)
-        result = run_pretrain(base_args(self.tokens, output_dir) + extra, nproc=nproc,
-                              log_dir=os.path.join(self.root, f"log-{key}"))
-        assert result.returncode == 0, f"{key} failed:\n{result.logs[-8000:]}"
-        self.done[key] = (output_dir, result.logs)
-        return self.done[key]
 
     def get(self, name):
-        if name not in self.done:
-            nproc, _, extra = RUNS[name]
-            self.launch(name, nproc, list(extra))
-        return self.done[name]
+        nproc, _, extra = RUNS[name]
+        return self.launch(name, nproc, list(extra))
 
     def resume(self, source, target):
-        key = f"{source}-to-{target}"
-        if key not in self.done:
-            checkpoint = os.path.join(self.get(source)[0], "checkpoint-2")
-            nproc, _, extra = RUNS[target]
-            self.launch(key, nproc, list(extra) + ["--resume_from_checkpoint", checkpoint])
-        return self.done[key]
+        checkpoint = os.path.join(self.get(source)[0], "checkpoint-2")
+        nproc, _, extra = RUNS[target]
+        return self.launch(f"{source}-to-{target}", nproc, list(extra) + ["--resume_from_checkpoint", checkpoint])
 
 
 @pytest.fixture(scope="module")
