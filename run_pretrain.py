@@ -5,13 +5,12 @@ Launch on several processes with ``python -m paddle.distributed.launch --nproc_p
 """
 
 import signal
-import sys
 
 if __name__ == "__main__":
     # Until training starts, Ctrl-C ends the process quietly, imports included; fleetlm.pretrain
     # then takes over SIGINT and SIGTERM (fleetlm.trainer.interrupt).
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
-    from fleetlm.pretrain import main
+    from fleetlm.pretrain import exit_process, main
 
-    sys.exit(main())
+    exit_process(main())
