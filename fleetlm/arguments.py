@@ -16,6 +16,7 @@ import dataclasses
 import difflib
 import json
 import math
+import os
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple, Union
@@ -346,6 +347,8 @@ def _unknown_key_error(key: str, source: str) -> ConfigError:
     valid = sorted(_all_fields()) + sorted(IGNORED_KEYS)
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
     hint = f" Did you mean '{close[0]}'?" if close else " Run with --help for the list of options."
+    if key == "dry_run":
+        hint = " dry_run is a command-line switch only: write --dry_run after the argument file."
     return ConfigError(f"Unknown argument '{key}' in {source}.{hint}")
 
 
@@ -358,21 +361,56 @@ def _reject_duplicates(pairs, path: str) -> Dict[str, Any]:
     return seen
 
 
-def _read_json(path: str) -> Dict[str, Any]:
+def _directory_error(directory: str, count: int = 3) -> ConfigError:
+    """Reject a directory given as the argument file, naming up to ``count`` JSON files in it (debug files first)."""
     try:
-        with open(path, encoding="utf-8") as f:
+        names = sorted(n for n in os.listdir(directory) if n.endswith(".json"))
+    except OSError:
+        names = []
+    if not names:
+        return ConfigError(f"Argument file {directory} is a directory, not a JSON file; pass the path of a JSON argument file.")
+    folder = os.path.basename(os.path.normpath(directory)).lower()
+    names.sort(key=lambda n: ("debug" not in n, folder not in n.lower()))
+    examples = ", ".join(os.path.join(directory, n) for n in names[:count])
+    more = f"; {len(names)} files in all" if len(names) > count else ""
+    return ConfigError(
+        f"Argument file {directory} is a directory, not a JSON file; pass one of the JSON files in it, "
+        f"such as {examples}{more}."
+    )
+
+
+def _read_json(path: str) -> Dict[str, Any]:
+    if os.path.isdir(path):
+        raise _directory_error(path)
+    try:
+        # utf-8-sig also reads files that an editor saved with a byte order mark.
+        with open(path, encoding="utf-8-sig") as f:
             data = json.load(f, object_pairs_hook=lambda pairs: _reject_duplicates(pairs, path))
     except FileNotFoundError:
         raise ConfigError(f"Argument file not found: {path}") from None
+    except PermissionError:
+        raise ConfigError(
+            f"Argument file {path} cannot be read: permission denied. Make it readable (chmod u+r) or pass another file."
+        ) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"Argument file {path} is not UTF-8 text (invalid byte at offset {e.start}); save it as UTF-8 JSON."
+        ) from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"Argument file {path} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}.") from None
+    except OSError as e:
+        raise ConfigError(f"Argument file {path} cannot be read: {e.strerror or e}.") from None
     if not isinstance(data, dict):
         raise ConfigError(f"Argument file {path} must hold one JSON object of key/value pairs, got {type(data).__name__}.")
     return data
 
 
-def _split_cli(argv: List[str]) -> Dict[str, str]:
-    """Turn ['--key', 'value', '--flag', ...] into a dict; a flag with no value means 'true'."""
+def _split_cli(argv: List[str], repeated: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+    """Turn ['--key', 'value', '--flag', ...] into a dict; a flag with no value means 'true'.
+
+    A flag given more than once keeps its last value, as with argparse: a wrapper script can append
+    an override. ``repeated`` (when given) receives a note for each such flag.
+    """
     values: Dict[str, str] = {}
     i = 0
     while i < len(argv):
@@ -390,19 +428,29 @@ def _split_cli(argv: List[str]) -> Dict[str, str]:
         else:
             value = _NO_VALUE
             i += 1
-        values[key.replace("-", "_")] = value
+        key = key.replace("-", "_")
+        if key in values and repeated is not None:
+            repeated[f"--{key}"] = (f"--{key} is given more than once on the command line ({_format_cli_value(values[key])}, "
+                                    f"then {_format_cli_value(value)}); the last one is used")
+        values[key] = value
     return values
+
+
+def _format_cli_value(value: Any) -> str:
+    return "no value" if value is _NO_VALUE else repr(value)
 
 
 @dataclass
 class Arguments:
-    """The parsed model, data and training arguments, plus the keys that were ignored."""
+    """The parsed model, data and training arguments, plus the keys that were ignored or overridden."""
 
     model: ModelArguments
     data: DataArguments
     training: TrainingArguments
     ignored: Dict[str, Any]
     config_file: Optional[str] = None
+    # Argument-file values that a command-line flag replaced indirectly, each with the line to log.
+    overridden: Dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> Dict[str, Any]:
         """Return every resolved argument as one flat dict (what a checkpoint records)."""
@@ -412,8 +460,37 @@ class Arguments:
         return out
 
 
+# global_batch_size and gradient_accumulation_steps both set the batch of an optimizer step. When
+# the command line gives one and the argument file the other, the file's key goes back to this
+# default so that the command line wins (a file cannot be edited from the command line).
+_BATCH_KEY_DEFAULTS = {"global_batch_size": 0, "gradient_accumulation_steps": 1}
+
+
+def _drop_file_batch_key(values: Dict[str, Any], cli_keys, file_keys, config_file: Optional[str]) -> Dict[str, str]:
+    """Reset the file's batch key that a command-line batch key replaces; return {key: line to log}."""
+    overridden = {}
+    for cli_key, file_key in (("global_batch_size", "gradient_accumulation_steps"),
+                              ("gradient_accumulation_steps", "global_batch_size")):
+        if cli_key not in cli_keys or file_key not in file_keys or file_key in cli_keys:
+            continue
+        if cli_key == "global_batch_size" and values[cli_key] == 0:
+            continue  # --global_batch_size 0 derives nothing, so the file's accumulation stays.
+        default = _BATCH_KEY_DEFAULTS[file_key]
+        if values[file_key] != default:
+            overridden[file_key] = (
+                f"dropping {file_key}={values[file_key]} from {config_file}: --{cli_key} {values[cli_key]} on the "
+                f"command line sets the batch instead ({file_key} is {default} now)"
+            )
+        values[file_key] = default
+    return overridden
+
+
 def parse_arguments(argv: List[str]) -> Arguments:
-    """Parse ``[CONFIG.json] [--key value ...]``; later sources override earlier ones."""
+    """Parse ``[CONFIG.json] [--key value ...]``; later sources override earlier ones.
+
+    A command-line global_batch_size or gradient_accumulation_steps also replaces the other of the
+    two when the argument file sets it; ``Arguments.overridden`` records what was dropped.
+    """
     config_file = None
     if argv and not argv[0].startswith("--"):
         config_file = argv[0]
@@ -425,8 +502,10 @@ def parse_arguments(argv: List[str]) -> Arguments:
     sources = []
     if config_file is not None:
         sources.append((_read_json(config_file), config_file, False))
-    sources.append((_split_cli(argv), "the command line", True))
+    repeated: Dict[str, str] = {}
+    sources.append((_split_cli(argv, repeated), "the command line", True))
 
+    keys_by_source = []
     for raw, source, from_cli in sources:
         for key, value in raw.items():
             if key in IGNORED_KEYS:
@@ -436,12 +515,15 @@ def parse_arguments(argv: List[str]) -> Arguments:
                 raise _unknown_key_error(key, source)
             _, f = fields[key]
             values[key] = _coerce(key, value, f.type, from_cli)
+        keys_by_source.append(set(raw))
+    file_keys = keys_by_source[0] if config_file is not None else set()
+    overridden = dict(repeated, **_drop_file_batch_key(values, keys_by_source[-1], file_keys, config_file))
 
     groups = []
     for group in ARGUMENT_GROUPS:
         names = {f.name for f in dataclasses.fields(group)}
         groups.append(group(**{k: v for k, v in values.items() if k in names}))
-    args = Arguments(*groups, ignored=ignored, config_file=config_file)
+    args = Arguments(*groups, ignored=ignored, config_file=config_file, overridden=overridden)
     check_choices(args)
     return args
 
@@ -522,10 +604,17 @@ def check_choices(args: Arguments) -> None:
 def format_help() -> str:
     """Return the --help text: every option with its type, default and meaning, grouped."""
     lines = [
-        "usage: run_pretrain.py [CONFIG.json] [--key value ...]",
+        "usage: run_pretrain.py [CONFIG.json] [--key value ...] [--dry_run]",
         "",
         "Pretrain a language model. Options come from the JSON argument file, then from the command line",
-        "(which overrides the file), then from the defaults below.",
+        "(which overrides the file), then from the defaults below. An option given twice on the command",
+        "line takes its last value, and the run logs it. A --global_batch_size or",
+        "--gradient_accumulation_steps on the command line also replaces the other of the two when the",
+        "argument file sets it.",
+        "",
+        "  --dry_run (switch, written without a value)",
+        "      Parse the arguments, check the parallel layout and split, print the parameter count and the",
+        "      per-card memory of parameters, gradients and optimizer state, and exit without reading data.",
     ]
     for group in ARGUMENT_GROUPS:
         lines += ["", group.__doc__]
@@ -537,4 +626,3 @@ def format_help() -> str:
             lines.append(f"      {f.metadata.get('help', '')}")
     lines += ["", "Accepted for PaddleNLP compatibility and ignored: " + ", ".join(sorted(IGNORED_KEYS)) + "."]
     return "\n".join(lines)
-

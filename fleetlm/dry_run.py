@@ -2,6 +2,10 @@
 
 Usage: ``python -m fleetlm.dry_run CONFIG.json [--world_size N] [--key value ...]``
 
+The options are those of ``run_pretrain.py`` (``python run_pretrain.py --help`` lists them), plus
+``--world_size N``, the number of cards to size the layout for (default: the product of the
+argument file's degrees). ``run_pretrain.py CONFIG.json --dry_run`` prints the same report.
+
 The model is built under ``paddle.LazyGuard`` (shapes only, no parameter memory), and each
 parameter is assigned to the cards that hold it:
 
@@ -24,6 +28,8 @@ from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 from fleetlm.arguments import Arguments, ConfigError, parse_arguments
+from fleetlm.data.builder import parse_split
+from fleetlm.data.errors import DataError
 from fleetlm.models.config import ModelConfig, load_model_config
 
 # Submodule names whose Linear layers tensor parallelism splits (see fleetlm.parallel.plan).
@@ -150,6 +156,11 @@ def check_divisibility(config: ModelConfig, tp: int, pp: int) -> None:
 
 def describe_run(args: Arguments, world_size: Optional[int] = None) -> str:
     """Return the dry-run report of a parsed argument set (what ``run_pretrain.py --dry_run`` would print)."""
+    try:
+        # The same check a real run makes when it builds the datasets.
+        parse_split(args.data.split)
+    except DataError as e:
+        raise ConfigError(str(e)) from None
     config = load_model_config(args.model)
     world_size, tp, pp, stage, sharding = layout_degrees(args, world_size)
     check_divisibility(config, tp, pp)
@@ -157,9 +168,8 @@ def describe_run(args: Arguments, world_size: Optional[int] = None) -> str:
     estimate = estimate_memory(config, tp, pp, stage, sharding, low_precision)
     lines = [
         f"model: {args.model.model_name_or_path} ({config.model_type}), {_count(estimate.total_parameters)} parameters",
-        f"layout: {world_size} cards = tp {tp} x pp {pp} x dp {world_size // (tp * pp)}; "
-        f"sharding {'stage' + str(stage) if stage else 'off'} over {sharding} ranks; "
-        f"{'bf16/fp16 (O2)' if low_precision else 'fp32'}",
+        f"layout: {_plural(world_size, 'card')} = tp {tp} x pp {pp} x dp {world_size // (tp * pp)}; "
+        f"{_describe_sharding(stage, sharding)}; {'bf16/fp16 (O2)' if low_precision else 'fp32'}",
         f"per card, largest pipeline stage: {_count(estimate.card_parameters)} parameters before sharding",
         f"  parameters  {_size(estimate.parameter_bytes)}",
         f"  gradients   {_size(estimate.gradient_bytes)}",
@@ -167,6 +177,18 @@ def describe_run(args: Arguments, world_size: Optional[int] = None) -> str:
         f"  total       {_size(estimate.total_bytes)} (activations not included)",
     ]
     return "\n".join(lines)
+
+
+def _plural(number: int, noun: str) -> str:
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
+
+
+def _describe_sharding(stage: int, degree: int) -> str:
+    if not stage:
+        return "sharding off"
+    if degree == 1:
+        return f"sharding stage{stage} over 1 rank, which divides nothing (raise sharding_parallel_degree or the card count)"
+    return f"sharding stage{stage} over {degree} ranks"
 
 
 def _count(number: float) -> str:
@@ -181,17 +203,30 @@ def _size(num_bytes: float) -> str:
     return f"{num_bytes / 2**20:8.2f} MiB"
 
 
+def _pop_world_size(argv: List[str]) -> Optional[int]:
+    """Remove ``--world_size N`` from ``argv`` and return N, or None when it is absent. Reject a missing or invalid N."""
+    if "--world_size" not in argv:
+        return None
+    index = argv.index("--world_size")
+    has_value = index + 1 < len(argv) and not argv[index + 1].startswith("--")
+    text = argv[index + 1] if has_value else ""
+    del argv[index:index + 1 + has_value]
+    if "--world_size" in argv:
+        raise ConfigError("--world_size is given twice on the command line; keep one.")
+    if not has_value:
+        raise ConfigError("--world_size needs a value: the number of cards, e.g. --world_size 8.")
+    if not text.isdigit() or int(text) < 1:
+        raise ConfigError(f"--world_size {text!r}: expected a positive number of cards, e.g. --world_size 8.")
+    return int(text)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
+    if not argv or any(a in ("-h", "--help") for a in argv):
         print(__doc__)
         return 0
-    world_size = None
-    if "--world_size" in argv:
-        index = argv.index("--world_size")
-        world_size = int(argv[index + 1])
-        del argv[index:index + 2]
     try:
+        world_size = _pop_world_size(argv)
         print(describe_run(parse_arguments(argv), world_size))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -19,11 +19,17 @@ logger = get_logger(__name__)
 
 EXIT_CONFIG = 2
 EXIT_NON_FINITE = 3
+# This rank's collective failed because another process of the job stopped (killed, crashed).
+EXIT_PEER_LOST = 4
 # Shells report a process ended by signal N as 128 + N; a run stopped on SIGINT or SIGTERM exits with it too.
 EXIT_SIGNAL_BASE = 128
 # Sharding stage 3 slices only parameters with more elements than this (Paddle's default: 2**20);
 # tests lower it so the tiny model's parameters are sliced too.
 STAGE3_SEGMENT_SIZE_ENV = "FLEETLM_STAGE3_SEGMENT_SIZE"
+
+
+class RunComplete(ConfigError):
+    """resume_from_checkpoint=true found a checkpoint at max_steps: the run has nothing left to do."""
 
 
 def _fail(message: str, code: int) -> int:
@@ -33,21 +39,47 @@ def _fail(message: str, code: int) -> int:
     return code
 
 
-def _report_interrupt(signal_number: int, trainer, output_dir: str, max_steps: int) -> int:
-    """Log one line with the step reached, the latest complete checkpoint and how to resume; return 128 + signal."""
+def _where_to_resume(output_dir: str) -> str:
+    """Name the latest complete checkpoint in output_dir and how to continue from it."""
     from fleetlm.trainer import checkpoint as ckpt
 
-    name = signal.Signals(signal_number).name
-    where = f"at step {trainer.step} of {max_steps}" if trainer is not None else "before training started"
     checkpoints = ckpt.list_checkpoints(output_dir)
     if checkpoints:
         step, path = checkpoints[-1]
-        saved = (f"The latest complete checkpoint is {path} (step {step}); continue from it with "
-                 "--resume_from_checkpoint true.")
-    else:
-        saved = f"No checkpoint was saved in {output_dir}, so a rerun starts from step 0."
-    logger.warning("run interrupted by %s %s. %s", name, where, saved)
+        return (f"The latest complete checkpoint is {path} (step {step}); continue from it with "
+                "--resume_from_checkpoint true.")
+    return f"No checkpoint was saved in {output_dir}, so a rerun starts from step 0."
+
+
+def _report_interrupt(signal_number: int, trainer, output_dir: str, max_steps: int) -> int:
+    """Log one line with the step reached, the latest complete checkpoint and how to resume; return 128 + signal."""
+    name = signal.Signals(signal_number).name
+    where = f"at step {trainer.step} of {max_steps}" if trainer is not None else "before training started"
+    logger.warning("run interrupted by %s %s. %s", name, where, _where_to_resume(output_dir))
     return EXIT_SIGNAL_BASE + signal_number
+
+
+# Words of the errors that gloo and NCCL raise on a rank whose peer has gone.
+_PEER_LOSS_MARKERS = ("connection reset by peer", "connection closed by peer", "broken pipe", "gloo", "nccl",
+                      "timed out", "timeout")
+
+
+def _is_peer_loss(error: BaseException) -> bool:
+    text = str(error).lower()
+    return any(marker in text for marker in _PEER_LOSS_MARKERS)
+
+
+def _report_peer_loss(error: BaseException, trainer, output_dir: str, max_steps: int) -> int:
+    """Log why a collective failed on this rank, where to resume, and return EXIT_PEER_LOST."""
+    first_line = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+    logger.error(
+        "a collective operation failed at step %d of %s (%s): another process of the job has most likely stopped. "
+        "Its own log names the cause (the launcher's log_dir, workerlog.RANK; a process killed by signal 9 is often "
+        "the out-of-memory killer's doing). %s",
+        trainer.step, max_steps, first_line, _where_to_resume(output_dir),
+    )
+    logger.debug("collective failure", exc_info=error)
+    return EXIT_PEER_LOST
 
 
 def _seed_everything(seed: int) -> None:
@@ -91,9 +123,10 @@ def build_datasets(args: Arguments, plan, topology, resume_state=None):
 
 
 class _RunProgress:
-    """Objects ``_run`` has built so far, for the report when a signal stops it."""
+    """Objects ``_run`` has built so far, for the report when a signal stops it, and the output_dir lock."""
 
     trainer = None
+    lock = None
 
 
 def run(args: Arguments) -> int:
@@ -108,6 +141,9 @@ def run(args: Arguments) -> int:
     except KeyboardInterrupt:
         # SIGINT in a caller that did not install main()'s handlers.
         signal_number = signal.SIGINT
+    finally:
+        if progress.lock is not None:
+            progress.lock.release()
     return _report_interrupt(signal_number, progress.trainer, args.training.output_dir, args.training.max_steps)
 
 
@@ -116,8 +152,10 @@ def _run(args: Arguments, progress: _RunProgress) -> int:
     from fleetlm.data import DataError
     from fleetlm.parallel.topology import init_topology
     from fleetlm.trainer import checkpoint as ckpt
+    from fleetlm.trainer.resume_changes import resume_change_warnings
+    from fleetlm.trainer.run_lock import OutputDirLock
     from fleetlm.trainer.trainer import NonFiniteLossError
-    from fleetlm.validate import eval_repeat_warning, plan_run, warmup_warning
+    from fleetlm.validate import eval_repeat_warning, plan_run, sharding_warning, warmup_warning
 
     from fleetlm.data.token_range import check_token_ids
 
@@ -133,13 +171,28 @@ def _run(args: Arguments, progress: _RunProgress) -> int:
         )
         resume_state = _check_resume(resume_path, args, plan) if resume_path else None
         check_token_ids(args.data.input_dir, plan.model_config.vocab_size, args.data.data_cache)
+        if process_rank() == 0:
+            # Before anything writes into output_dir (and creates it): a second run there stops here.
+            progress.lock = OutputDirLock(args.training.output_dir)
+            progress.lock.acquire()
+    except RunComplete as e:
+        # A finished run started again (a retried job, a rerun script): nothing to do is success.
+        logger.info("%s", e)
+        return 0
     except (ConfigError, ckpt.CheckpointError, DataError) as e:
         return _fail(str(e), EXIT_CONFIG)
-    warning = warmup_warning(args)
-    if warning and process_rank() == 0:
-        logger.warning("%s", warning)
+    if resume_state is not None and process_rank() == 0:
+        saved_arguments = _read_saved_config(resume_path).get("arguments", {})
+        for warning in resume_change_warnings(resume_path, saved_arguments, args.to_dict(), resume_state.step,
+                                              resume_state.consumed_samples):
+            logger.warning("%s", warning)
+    for warning in (warmup_warning(args), sharding_warning(args, plan.layout)):
+        if warning and process_rank() == 0:
+            logger.warning("%s", warning)
     for key, value in args.ignored.items():
         logger.info("ignoring PaddleNLP argument %s=%r: %s", key, value, _ignored_reason(key))
+    for message in args.overridden.values():
+        logger.info("%s", message)
 
     t = args.training
     option_strings = {
@@ -189,6 +242,8 @@ def _run(args: Arguments, progress: _RunProgress) -> int:
                 "Resume from an older checkpoint: --resume_from_checkpoint OUTPUT_DIR/checkpoint-STEP.",
                 EXIT_CONFIG,
             )
+        if topology.rank == 0:
+            ckpt.set_aside_newer(args.training.output_dir, resume_state.step, resume_path)
     progress.trainer = trainer
 
     try:
@@ -198,6 +253,10 @@ def _run(args: Arguments, progress: _RunProgress) -> int:
             _evaluate_only(trainer, args)
     except NonFiniteLossError as e:
         return _fail(str(e), EXIT_NON_FINITE)
+    except (RuntimeError, OSError) as e:
+        if not topology.is_distributed or not _is_peer_loss(e):
+            raise
+        return _report_peer_loss(e, trainer, args.training.output_dir, args.training.max_steps)
     logger.info("done")
     return 0
 
@@ -214,6 +273,9 @@ def build_trainer(args: Arguments, plan, topology, train_ds, valid_ds=None, test
         from fleetlm.models.weights import load_pretrained
 
         load_pretrained(model, plan.model_config, args.model.model_name_or_path)
+    elif os.path.isdir(args.model.model_name_or_path):
+        logger.info("model_name_or_path=%s gives the architecture only; the model starts from random weights "
+                    "(set continue_training true to load the directory's weights)", args.model.model_name_or_path)
     num_params = sum(int(p.numel()) for p in model.parameters())
     logger.info("model: %s, %.2fM parameters, %s", plan.model_config.model_type, num_params / 1e6,
                 {k: v for k, v in plan.model_config.architecture_dict().items() if k != "model_type"})
@@ -261,12 +323,16 @@ def _check_resume(path: str, args: Arguments, plan):
     from fleetlm.trainer import checkpoint as ckpt
 
     state = ckpt.read_trainer_state(path)
-    if args.training.do_train and state.step >= args.training.max_steps:
+    t = args.training
+    if t.do_train and state.step >= t.max_steps:
+        if state.step == t.max_steps and str(t.resume_from_checkpoint).lower() == "true":
+            raise RunComplete(f"{path} is at max_steps={t.max_steps}: the run in {t.output_dir} is complete and there "
+                              "is nothing to train; raise max_steps to train further.")
         raise ConfigError(
-            f"{path} is at step {state.step}, and max_steps={args.training.max_steps} leaves nothing to train; "
+            f"{path} is at step {state.step}, and max_steps={t.max_steps} leaves nothing to train; "
             "raise max_steps to continue training."
         )
-    saved_model = _read_saved_model(path)
+    saved_model = _read_saved_config(path).get("model", {})
     current = plan.model_config.architecture_dict()
     changed = {k: (saved_model[k], v) for k, v in current.items() if k in saved_model and saved_model[k] != v}
     if changed:
@@ -286,8 +352,8 @@ def _check_resume(path: str, args: Arguments, plan):
     return state
 
 
-def _read_saved_model(path: str) -> dict:
-    """Return the model architecture in a checkpoint's config.json; raise DamagedCheckpointError if unreadable."""
+def _read_saved_config(path: str) -> dict:
+    """Return a checkpoint's config.json ("arguments", "model", "layout"); raise DamagedCheckpointError if unreadable."""
     import json
 
     from fleetlm.trainer import checkpoint as ckpt
@@ -301,9 +367,9 @@ def _read_saved_model(path: str) -> dict:
         raise ckpt.DamagedCheckpointError(path, "config.json", f"not UTF-8 text: {e.reason}") from None
     except json.JSONDecodeError as e:
         raise ckpt.DamagedCheckpointError(path, "config.json", f"not valid JSON: {e.msg}") from None
-    if not isinstance(config, dict) or not isinstance(config.get("model", {}), dict):
-        raise ckpt.DamagedCheckpointError(path, "config.json", "expected a JSON object with a model object")
-    return config.get("model", {})
+    if not isinstance(config, dict) or not all(isinstance(config.get(key, {}), dict) for key in ("model", "arguments")):
+        raise ckpt.DamagedCheckpointError(path, "config.json", "expected a JSON object with model and arguments objects")
+    return config
 
 
 def _check_same_resume_step(resume_state, topology) -> None:

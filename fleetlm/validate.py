@@ -118,7 +118,9 @@ def _plan_batch(args: Arguments, layout: Layout) -> BatchPlan:
         if accumulation not in (1, derived):
             raise ConfigError(
                 f"gradient_accumulation_steps={accumulation} contradicts global_batch_size={t.global_batch_size} "
-                f"(which needs {derived} with micro-batch {micro} and dp {dp}); set only one of them."
+                f"(which needs {derived} with micro-batch {micro} and dp {dp}); set only one of them, e.g. "
+                f"--global_batch_size 0 to keep gradient_accumulation_steps={accumulation}, or "
+                f"--gradient_accumulation_steps {derived} to keep global_batch_size={t.global_batch_size}."
             )
         accumulation = derived
     return BatchPlan(micro_batch_size=micro, accumulation_steps=accumulation, dp_degree=dp, seq_len=args.data.max_seq_length)
@@ -155,9 +157,13 @@ def plan_run(args: Arguments, world_size: int) -> RunPlan:
     if t.do_train and t.resume_from_checkpoint is None:
         existing = list_checkpoints(t.output_dir)
         if existing:
+            overwrite = ""
+            if str(args.ignored.get("overwrite_output_dir", "")).lower() in ("true", "1", "yes"):
+                overwrite = (" overwrite_output_dir is not supported: fleetlm never deletes checkpoints, so remove "
+                             "them yourself to start again in this directory.")
             raise ConfigError(
                 f"output_dir='{t.output_dir}' already contains {os.path.basename(existing[-1][1])}; starting again would "
-                "overwrite it. Pass --resume_from_checkpoint true to continue, or choose another output_dir."
+                f"overwrite it. Pass --resume_from_checkpoint true to continue, or choose another output_dir.{overwrite}"
             )
     if args.model.tokenizer_name_or_path:
         _check_tokenizer(args.model.tokenizer_name_or_path, model_config)
@@ -177,7 +183,7 @@ def warmup_warning(args: Arguments) -> Optional[str]:
     source = f"warmup_steps={warmup}" if t.warmup_steps > 0 else f"warmup_ratio={t.warmup_ratio} gives {warmup} steps, which"
     if warmup > t.max_steps:
         return _warmup_longer_than_run(t, warmup, source)
-    if _drops_after_warmup(t, warmup):
+    if _warmup_covers_decay(t, warmup):
         return _warmup_reaches_decay(t, warmup, source)
     return None
 
@@ -192,26 +198,44 @@ def _warmup_longer_than_run(t, warmup: int, source: str) -> str:
     )
 
 
-def _drops_after_warmup(t, warmup: int) -> bool:
-    """Return True when the run trains past a warmup that reaches decay_steps, where the rate falls to its minimum."""
+def _warmup_covers_decay(t, warmup: int) -> bool:
+    """Return True when a warmup reaches decay_steps, so the decay has no steps."""
     # WarmupDecayLR (fleetlm.trainer.lr) decays from the end of warmup to decay_steps (0: max_steps)
     # and uses min_learning_rate from then on, except that 'constant' keeps learning_rate.
     return (
         t.decay_steps > 0
         and warmup >= t.decay_steps
-        and t.max_steps > warmup
         and t.lr_scheduler_type != "constant"
         and t.min_learning_rate != t.learning_rate
     )
 
 
 def _warmup_reaches_decay(t, warmup: int, source: str) -> str:
+    if t.max_steps > warmup:
+        effect = (
+            f"then drops to min_learning_rate={t.min_learning_rate:g} on step {warmup + 1} and stays there for the "
+            f"remaining {t.max_steps - warmup} of max_steps={t.max_steps} steps"
+        )
+    else:
+        effect = f"the last of max_steps={t.max_steps} steps, and never decays"
     return (
         f"{source} is at least decay_steps={t.decay_steps}, so the {t.lr_scheduler_type} decay has no steps: "
-        f"the learning rate rises to learning_rate={t.learning_rate:g} on step {warmup}, then drops to "
-        f"min_learning_rate={t.min_learning_rate:g} on step {warmup + 1} and stays there for the remaining "
-        f"{t.max_steps - warmup} of max_steps={t.max_steps} steps. Set decay_steps above {warmup} (0 decays until "
-        "max_steps), or lower the warmup below decay_steps."
+        f"the learning rate rises to learning_rate={t.learning_rate:g} on step {warmup}, {effect}. Set decay_steps "
+        f"above {warmup} (0 decays until max_steps), or lower the warmup below decay_steps."
+    )
+
+
+def sharding_warning(args: Arguments, layout: Layout) -> Optional[str]:
+    """Return a warning when a sharding stage is set but the sharding degree is 1, so nothing is sharded."""
+    t = args.training
+    if not t.sharding or layout.sharding_degree > 1:
+        return None
+    shared = {"stage1": "optimizer state", "stage2": "optimizer state and gradients",
+              "stage3": "optimizer state, gradients and parameters"}[t.sharding]
+    return (
+        f"sharding={t.sharding} with a sharding degree of 1 (sharding_parallel_degree={t.sharding_parallel_degree} "
+        f"in a {layout.world_size}-process run) divides nothing: every rank keeps the whole {shared}. Set "
+        "sharding_parallel_degree above 1, or -1 with several data-parallel ranks, or leave sharding unset."
     )
 
 

@@ -51,6 +51,6 @@ def test_demo_config_trains_through_launcher(demo_data):
     with open(output_dir / "metrics.jsonl") as f:
         evals = [r for r in map(json.loads, f) if "eval_loss" in r]
     assert [r["step"] for r in evals] == [4, 8]
-    assert sorted(os.listdir(output_dir)) == ["checkpoint-4", "checkpoint-8", "metrics.jsonl"]
+    assert sorted(os.listdir(output_dir)) == [".fleetlm.lock", "checkpoint-4", "checkpoint-8", "metrics.jsonl"]
     # The kernel choice is logged with the reason: this CPU build has no fused kernels.
     assert "attention kernel: plain (use_flash_attention requested, but this Paddle build has no CUDA)" in result.logs

@@ -66,6 +66,8 @@ def test_global_batch_size_derives_accumulation():
          "no_recompute_layers=[0, 5] lists [5], outside the model's layers 0..1"),
         (["--model_name_or_path", "no/such-model"], 1,
          "model_name_or_path='no/such-model' is neither a registered model nor a directory"),
+        (["--model_name_or_path", "Qwen/Qwen-7B"], 1,
+         "with config.json. Did you mean 'qwen/qwen-7b'? Closest registered names: qwen/qwen-7b, "),
         (["--num_attention_heads", "3"], 1, "hidden_size=64 is not divisible by num_attention_heads=3"),
         (["--num_key_value_heads", "3"], 1, "num_attention_heads=4 is not divisible by num_key_value_heads=3"),
         (["--continue_training", "true"], 1, "continue_training=true needs weights"),
@@ -85,6 +87,53 @@ def test_existing_checkpoint_not_overwritten(tmp_path):
     with pytest.raises(ConfigError, match="already contains checkpoint-5.*--resume_from_checkpoint true"):
         plan("--output_dir", str(tmp_path))
     plan("--output_dir", str(tmp_path), "--resume_from_checkpoint", "true")
+
+
+def test_overwrite_output_dir_named_in_existing_checkpoint_error(tmp_path):
+    checkpoint = tmp_path / "checkpoint-3"
+    checkpoint.mkdir()
+    (checkpoint / "trainer_state.json").write_text("{}")
+    with pytest.raises(ConfigError) as info:
+        plan("--output_dir", str(tmp_path), "--overwrite_output_dir", "true")
+    assert str(info.value).endswith(
+        "or choose another output_dir. overwrite_output_dir is not supported: fleetlm never deletes checkpoints, so "
+        "remove them yourself to start again in this directory."
+    )
+    with pytest.raises(ConfigError) as info:
+        plan("--output_dir", str(tmp_path))
+    assert "overwrite_output_dir is not supported" not in str(info.value)
+
+
+def test_batch_contradiction_names_flags():
+    with pytest.raises(ConfigError) as info:
+        plan("--global_batch_size", "8", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2")
+    assert str(info.value).endswith(
+        "set only one of them, e.g. --global_batch_size 0 to keep gradient_accumulation_steps=2, or "
+        "--gradient_accumulation_steps 4 to keep global_batch_size=8."
+    )
+
+
+@pytest.mark.parametrize(
+    "argv, world_size, expected",
+    [
+        (["--sharding", "stage2", "--sharding_parallel_degree", "1"], 2,
+         "sharding=stage2 with a sharding degree of 1 (sharding_parallel_degree=1 in a 2-process run) divides nothing: "
+         "every rank keeps the whole optimizer state and gradients. Set sharding_parallel_degree above 1"),
+        (["--sharding", "stage3"], 1, "sharding=stage3 with a sharding degree of 1 (sharding_parallel_degree=-1 in a "
+                                      "1-process run) divides nothing"),
+        (["--sharding", "stage1"], 2, None),
+        ([], 1, None),
+    ],
+)
+def test_sharding_degree_one_warned(argv, world_size, expected):
+    from fleetlm.validate import sharding_warning
+
+    args = parse_arguments(argv)
+    warning = sharding_warning(args, plan_run(args, world_size).layout)
+    if expected is None:
+        assert warning is None
+    else:
+        assert warning.startswith(expected)
 
 
 def test_tokenizer_larger_than_vocab_rejected():
@@ -167,8 +216,14 @@ def test_output_dir_that_is_a_file_rejected(tmp_path):
         (["--max_steps", "10", "--warmup_steps", "5", "--decay_steps", "6"], None),
         (["--max_steps", "10", "--warmup_steps", "5", "--decay_steps", "3", "--lr_scheduler_type", "constant"], None),
         (["--max_steps", "10", "--warmup_steps", "5", "--decay_steps", "3", "--min_learning_rate", "3e-4"], None),
-        # The run ends with the warmup, before the drop.
-        (["--max_steps", "5", "--warmup_steps", "5", "--decay_steps", "3"], None),
+        # The run ends with the warmup, so decay_steps has no effect at all.
+        (["--max_steps", "5", "--warmup_steps", "5", "--decay_steps", "3"],
+         "warmup_steps=5 is at least decay_steps=3, so the cosine decay has no steps: the learning rate rises to "
+         "learning_rate=0.0003 on step 5, the last of max_steps=5 steps, and never decays. Set decay_steps above 5"),
+        (["--max_steps", "2", "--warmup_steps", "2", "--decay_steps", "1"],
+         "warmup_steps=2 is at least decay_steps=1, so the cosine decay has no steps: the learning rate rises to "
+         "learning_rate=0.0003 on step 2, the last of max_steps=2 steps, and never decays. Set decay_steps above 2 "
+         "(0 decays until max_steps), or lower the warmup below decay_steps."),
     ],
 )
 def test_warmup_schedule_warnings(argv, expected):

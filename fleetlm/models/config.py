@@ -139,7 +139,7 @@ def config_from_json(values: Dict[str, Any], source: str) -> ModelConfig:
 
 def load_model_config(args: ModelArguments) -> ModelConfig:
     """Resolve the architecture: a registered name or a directory with config.json, then overrides."""
-    from fleetlm.models.registry import MODEL_REGISTRY, registered_names
+    from fleetlm.models.registry import MODEL_REGISTRY, unknown_name_hint
 
     name = args.model_name_or_path
     if name in MODEL_REGISTRY:
@@ -157,7 +157,7 @@ def load_model_config(args: ModelArguments) -> ModelConfig:
     else:
         raise ConfigError(
             f"model_name_or_path='{name}' is neither a registered model nor a directory with config.json. "
-            f"Registered names: {', '.join(registered_names())}."
+            f"{unknown_name_hint(name)}"
         )
 
     # Overriding the head count of a model without grouped-query attention keeps it without.

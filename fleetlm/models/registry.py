@@ -11,6 +11,7 @@ config.json gives intermediate_size as twice the width of each MLP projection (2
 and BLOOM has no position limit, so max_position_embeddings is its training length, 2048.
 """
 
+import difflib
 from typing import Any, Dict, List
 
 # ---- LLaMA-like families (fleetlm/models/llama.py) ----
@@ -205,6 +206,40 @@ MODEL_REGISTRY: Dict[str, Dict[str, Any]] = {
 
 def registered_names() -> List[str]:
     return sorted(MODEL_REGISTRY)
+
+
+def _comparable(name: str) -> str:
+    # Hub names of converted LLaMA checkpoints end in "-hf" (meta-llama/Llama-2-7b-hf); registered names do not.
+    return name.lower().removesuffix("-hf")
+
+
+def _name_similarity(name: str, registered: str) -> float:
+    """Similarity in [0, 1] of two comparable names, by whole name or by the part after the organisation."""
+    whole = difflib.SequenceMatcher(None, name, registered).ratio()
+    model = difflib.SequenceMatcher(None, name.rsplit("/", 1)[-1], registered.rsplit("/", 1)[-1]).ratio()
+    return max(whole, model)
+
+
+def closest_names(name: str, count: int = 5) -> List[str]:
+    """Return the ``count`` registered names most like ``name`` (by difflib ratio, ignoring case), most similar first."""
+    requested = _comparable(name)
+    return sorted(MODEL_REGISTRY, key=lambda n: (-_name_similarity(requested, _comparable(n)), n))[:count]
+
+
+def unknown_name_hint(name: str) -> str:
+    """Return the sentences that follow an unknown model name in an error: the intended name, if clear, and the closest.
+
+    "Did you mean" appears only for a name that differs in case or by a "-hf" suffix, because
+    close spellings such as qwen/qwen-72b and qwen/qwen-7b are different models.
+    """
+    same = [n for n in MODEL_REGISTRY if _comparable(n) == _comparable(name)]
+    closest = closest_names(name)
+    sentences = [f"Did you mean '{same[0]}'?"] if same else []
+    sentences.append(
+        f"Closest registered names: {', '.join(closest)} "
+        f"({len(MODEL_REGISTRY)} in all; fleetlm.models.registry.registered_names() lists them)."
+    )
+    return " ".join(sentences)
 
 
 # Tokenizer files used when a registered name is passed as tokenizer_name_or_path. They are in the

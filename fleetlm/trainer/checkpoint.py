@@ -15,9 +15,11 @@ file system is atomic, so a process killed at any moment leaves either the previ
 complete checkpoints or the new one, never a half-written ``checkpoint-STEP``. Leftover ``.tmp``
 directories are removed at the next start. Old checkpoints beyond ``save_total_limit`` are first
 renamed to ``.deleting`` and then removed, so a kill during deletion cannot leave a damaged
-checkpoint under a complete name. Rotation counts only checkpoints up to the step just saved: a
-newer one left by an earlier attempt (for example one that was skipped as damaged on resume) is
-neither counted nor removed until this run saves the same step again and replaces it.
+checkpoint under a complete name. Rotation counts only checkpoints up to the step just saved.
+
+Resuming from step N sets aside every checkpoint of output_dir above N: they belong to the run
+that went on from N (an older checkpoint chosen by hand, or newer ones skipped as damaged). They
+are renamed to ``checkpoint-STEP.abandoned``, which neither a resume nor rotation reads.
 
 trainer_state.json is a JSON object with these keys:
     format_version    2 (this fleetlm writes 2 and reads 1 and 2)
@@ -31,7 +33,7 @@ trainer_state.json is a JSON object with these keys:
 A complete checkpoint can still be damaged later (a truncated or partial copy, a failing disk, an
 edited trainer_state.json). A resume compares the file sizes and the step with the directory
 name first. With ``resume_from_checkpoint=true`` a checkpoint that fails those checks is skipped
-for the next older one, with a warning that names the file; the damaged one is left in place.
+for the next older one, with a warning that names the file.
 """
 
 import json
@@ -110,6 +112,50 @@ def list_checkpoints(output_dir: str) -> List[Tuple[int, str]]:
         if match and os.path.isfile(os.path.join(path, TRAINER_STATE)):
             found.append((int(match.group(1)), path))
     return sorted(found)
+
+
+def _unfinished_checkpoints(output_dir: str) -> List[Tuple[int, str]]:
+    """Return (step, path) of ``checkpoint-STEP`` directories without trainer_state.json, oldest first.
+
+    A save writes trainer_state.json before the rename to the final name, so such a directory lost
+    the file afterwards (deleted by hand, or a copy that stopped early).
+    """
+    if not os.path.isdir(output_dir):
+        return []
+    found = []
+    for name in os.listdir(output_dir):
+        match = _NAME.match(name)
+        path = os.path.join(output_dir, name)
+        if match and os.path.isdir(path) and not os.path.isfile(os.path.join(path, TRAINER_STATE)):
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def set_aside_newer(output_dir: str, step: int, resumed_from: str) -> List[str]:
+    """Rename checkpoints of ``output_dir`` with a step above ``step`` to ``checkpoint-N.abandoned``; return the new paths.
+
+    Called (rank 0) after resuming from step ``step``: the newer checkpoints belong to the run that
+    was abandoned there. Left in place, a later ``resume_from_checkpoint true`` would continue that
+    run instead of this one, and rotation would count them. Nothing is deleted.
+    """
+    moved = []
+    newer = [(n, path) for n, path in list_checkpoints(output_dir) + _unfinished_checkpoints(output_dir) if n > step]
+    for _, path in sorted(newer):
+        target = path + ".abandoned"
+        suffix = 1
+        while os.path.exists(target):
+            suffix += 1
+            target = f"{path}.abandoned{suffix}"
+        os.rename(path, target)
+        moved.append(target)
+    if moved:
+        _fsync_dir(output_dir)
+        logger.warning(
+            "resumed from %s (step %d), so the newer checkpoints of the run that went on from there were renamed, "
+            "to keep a later --resume_from_checkpoint true from continuing that run: %s. Delete them when they "
+            "are no longer needed.", resumed_from, step, ", ".join(os.path.basename(p) for p in moved),
+        )
+    return moved
 
 
 def latest_checkpoint(output_dir: str) -> Optional[str]:
@@ -286,8 +332,11 @@ def _read_file_sizes(path: str, raw: Dict[str, Any], version: int) -> Optional[D
     return sizes
 
 
-def verify_file_sizes(path: str) -> None:
+def verify_file_sizes(path: str, only: Optional[Callable[[str], bool]] = None) -> None:
     """Check that every file listed in the checkpoint's trainer_state.json has the size it had when saved.
+
+    ``only(name)``, when given, picks the files to check (export needs the model files alone), and a
+    checkpoint without a size list passes.
 
     Raises DamagedCheckpointError for an unreadable or invalid trainer_state.json, or naming the
     first missing or resized file, in name order, so every rank that reads the same files reaches
@@ -297,6 +346,8 @@ def verify_file_sizes(path: str) -> None:
     their model and optimizer files.
     """
     sizes = read_trainer_state(path).files
+    if sizes is None and only is not None:
+        return
     if sizes is None:
         names = os.listdir(path)
         for kind, prefix in (("model", "model_state"), ("optimizer", "optimizer")):
@@ -304,6 +355,8 @@ def verify_file_sizes(path: str) -> None:
                 raise DamagedCheckpointError(path, f"{prefix}*", f"no {kind} file in the checkpoint")
         return
     for name, size in sorted(sizes.items()):
+        if only is not None and not only(name):
+            continue
         try:
             actual = os.path.getsize(os.path.join(path, name))
         except OSError as e:
@@ -329,7 +382,7 @@ def resolve_resume_path(
 
     ``verify(path)`` checks the checkpoint's files and raises DamagedCheckpointError for one that
     cannot be read. 'true' means the newest complete checkpoint in output_dir that passes
-    ``verify``; a damaged newer one is skipped with a warning on rank 0 and left in place. When there
+    ``verify``; a damaged newer one is skipped with a warning on rank 0. When there
     is no checkpoint, the run starts fresh and logs it. A path must be a complete checkpoint, or a
     directory that contains some, and is never replaced by another, so damage in it is an error.
     The choice depends only on the files, so every rank that reads the same files makes it.
@@ -345,10 +398,19 @@ def resolve_resume_path(
         )
     if os.path.isfile(os.path.join(resume_from_checkpoint, TRAINER_STATE)):
         path = resume_from_checkpoint
+    elif _NAME.match(os.path.basename(os.path.normpath(resume_from_checkpoint))):
+        raise CheckpointError(
+            f"resume_from_checkpoint='{resume_from_checkpoint}' has no {TRAINER_STATE}, which every complete "
+            "checkpoint has: the file was deleted or the copy is incomplete. Resume from another checkpoint-STEP "
+            "directory, or restore the checkpoint from a copy."
+        )
     else:
         path = latest_checkpoint(resume_from_checkpoint)
         if path is None:
-            raise CheckpointError(f"resume_from_checkpoint='{resume_from_checkpoint}' contains no complete checkpoint.")
+            raise CheckpointError(
+                f"resume_from_checkpoint='{resume_from_checkpoint}' contains no complete checkpoint (a checkpoint-STEP "
+                f"directory with {TRAINER_STATE}); pass a checkpoint-STEP directory, or true to resume from output_dir."
+            )
     if verify is not None:
         verify(path)
     return path
@@ -360,6 +422,12 @@ def _newest_readable(output_dir: str, verify: Optional[Callable[[str], Any]]) ->
     if not checkpoints:
         logger.info("resume_from_checkpoint=true: no complete checkpoint in %s, starting from step 0", output_dir)
         return None
+    newest_step = checkpoints[-1][0]
+    if process_rank() == 0:
+        for step, path in _unfinished_checkpoints(output_dir):
+            if step > newest_step:
+                logger.warning("resume_from_checkpoint=true: skipping %s, which has no %s (deleted, or an incomplete "
+                               "copy).", path, TRAINER_STATE)
     damaged: List[DamagedCheckpointError] = []
     for _, path in reversed(checkpoints):
         try:
@@ -372,7 +440,7 @@ def _newest_readable(output_dir: str, verify: Optional[Callable[[str], Any]]) ->
             for error in damaged:
                 logger.warning(
                     "resume_from_checkpoint=true: skipping damaged checkpoint %s (%s: %s); resuming from %s "
-                    "instead. The damaged checkpoint is left in place.",
+                    "instead.",
                     error.checkpoint, error.file_name, error.reason, path,
                 )
         return path

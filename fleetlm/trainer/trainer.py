@@ -151,6 +151,11 @@ class Trainer:
     def _describe_layouts(self, saved: Dict[str, Any]) -> str:
         return f"saved layout {saved or 'unknown'}, requested layout {self.run_config.get('layout', {})}"
 
+    def _uses_dropout(self) -> bool:
+        """Return True when a dropout probability is above 0, so random draws affect training."""
+        config = self.model_config
+        return config.hidden_dropout_prob > 0 or config.attention_probs_dropout_prob > 0
+
     def resume(self, path: str) -> None:
         """Load model, optimizer (with LR schedule), RNG and data position from a checkpoint of any layout."""
         state = ckpt.read_trainer_state(path)
@@ -171,7 +176,7 @@ class Trainer:
         rng = ckpt.load_rng_state(path, self.rank)
         if rng is not None and state.layout.get("world_size", self.topology.world_size) == self.topology.world_size:
             ckpt.restore_rng_state(rng)
-        else:
+        elif self._uses_dropout():
             logger.warning("%s has no RNG state for rank %d in this layout; dropout draws will differ", path, self.rank)
 
         self.step = state.step

@@ -1,8 +1,9 @@
 """run_pretrain.py that SIGKILLs itself at a chosen point, to test resume after a crash.
 
-usage: killing_run.py after_step|during_save STEP [run_pretrain arguments...]
-  after_step STEP   die right after optimizer step STEP, before its metrics line or checkpoint
-  during_save STEP  die while saving checkpoint-STEP, after every file is written but before the rename
+usage: killing_run.py after_step|rank1_after_step|during_save STEP [run_pretrain arguments...]
+  after_step STEP        die right after optimizer step STEP, before its metrics line or checkpoint
+  rank1_after_step STEP  the same on global rank 1 only (under the launcher); the other ranks go on
+  during_save STEP       die while saving checkpoint-STEP, after every file is written but before the rename
 """
 
 import os
@@ -19,12 +20,13 @@ def kill_self():
 
 mode, at_step, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
 
-if mode == "after_step":
+if mode in ("after_step", "rank1_after_step"):
     original_step = trainer.Trainer._train_step
+    dies = mode == "after_step" or os.environ.get("PADDLE_TRAINER_ID") == "1"
 
     def train_step_then_die(self):
         metrics = original_step(self)
-        if self.step == at_step:
+        if dies and self.step == at_step:
             kill_self()
         return metrics
 

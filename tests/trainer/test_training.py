@@ -159,9 +159,21 @@ def test_resume_rejects_other_architecture_and_finished_run(pattern_tokens, unin
     assert "because the model architecture differs from the checkpoint's (hidden_size: saved 64, requested 128)" \
         in errors[0]
     assert "layout" not in errors[0]
+    # Started again after it finished (a retried job): nothing to do, which is success.
     finished = run_pretrain(run_args(pattern_tokens, uninterrupted, "--resume_from_checkpoint", "true"))
-    assert finished.returncode == 2
-    assert "is at step 8, and max_steps=8 leaves nothing to train" in finished.stdout
+    assert finished.returncode == 0, finished.stdout[-3000:]
+    assert "checkpoint-8 is at max_steps=8: the run in" in finished.stdout
+    assert "is complete and there is nothing to train" in finished.stdout
+    assert "step 1/" not in finished.stdout
+    # A checkpoint named explicitly, or one beyond max_steps, is a mistake.
+    explicit = run_pretrain(run_args(pattern_tokens, uninterrupted, "--resume_from_checkpoint",
+                                     os.path.join(uninterrupted, "checkpoint-8")))
+    assert explicit.returncode == 2
+    assert "is at step 8, and max_steps=8 leaves nothing to train" in explicit.stdout
+    shorter = run_pretrain(run_args(pattern_tokens, uninterrupted, "--resume_from_checkpoint", "true",
+                                    "--max_steps", "6"))
+    assert shorter.returncode == 2
+    assert "is at step 8, and max_steps=6 leaves nothing to train" in shorter.stdout
 
 
 def test_token_ids_beyond_vocab_rejected_before_training(pattern_tokens, tmp_path):
@@ -222,8 +234,9 @@ def test_resume_true_skips_damaged_checkpoint(pattern_tokens, uninterrupted, tmp
     assert f"skipping damaged checkpoint {damaged} ({names[0]}: 100 bytes, but " in warnings[0]
     assert f"resuming from {os.path.join(output_dir, 'checkpoint-6')} instead" in warnings[0]
     assert f"resumed from {os.path.join(output_dir, 'checkpoint-6')}: step 6" in result.stdout
-    # The damaged checkpoint stays where it was; steps 7-10 were trained from step 6.
-    assert os.path.isdir(damaged)
+    # The damaged checkpoint is set aside under another name, not deleted; steps 7-10 were trained from step 6.
+    assert not os.path.exists(damaged)
+    assert os.path.isdir(damaged + ".abandoned")
     assert [r["step"] for r in train_records(output_dir)] == [7, 8, 9, 10]
 
 
@@ -290,6 +303,7 @@ def test_resume_true_skips_checkpoint_with_damaged_config(pattern_tokens, uninte
     assert f"skipping damaged checkpoint {damaged} (config.json: " in result.stdout
     assert f"resumed from {os.path.join(output_dir, 'checkpoint-6')}: step 6" in result.stdout
 
+    damaged += ".abandoned"  # set aside by the resume from step 6
     explicit = run_pretrain(run_args(pattern_tokens, str(tmp_path / "explicit"), "--resume_from_checkpoint", damaged,
                                      "--max_steps", "10"))
     assert explicit.returncode == 2

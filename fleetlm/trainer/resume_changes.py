@@ -1,0 +1,53 @@
+"""Warnings for a resume whose arguments change what the checkpoint's step and sample count mean.
+
+A checkpoint records the samples consumed so far, and the training stream is a function of the data
+arguments (fleetlm.data): with another seed, split, sequence length or input, sample i is a different
+sample, so the resumed run repeats or skips data, and another split can put trained-on documents
+into the evaluation set. The learning-rate schedule is recomputed from this run's arguments, so a
+changed max_steps (when decay_steps follows it), rate or warmup moves the rate at once.
+Both are sometimes intended (extending a run, fine-tuning on new data), so they are warnings.
+"""
+
+import types
+from typing import Any, Dict, List
+
+from fleetlm.trainer.lr import learning_rate_at, schedule_settings
+
+DATA_KEYS = ("input_dir", "split", "max_seq_length", "seed")
+SCHEDULE_KEYS = ("learning_rate", "min_learning_rate", "lr_scheduler_type", "warmup_steps", "warmup_ratio",
+                 "decay_steps", "max_steps")
+
+
+def _changes(saved: Dict[str, Any], current: Dict[str, Any], keys) -> List[str]:
+    return [f"{key}: saved {saved[key]!r}, now {current[key]!r}" for key in keys
+            if key in saved and key in current and saved[key] != current[key]]
+
+
+def resume_change_warnings(checkpoint: str, saved: Dict[str, Any], current: Dict[str, Any], step: int,
+                           consumed_samples: int) -> List[str]:
+    """Return a warning for changed data arguments and one for a changed schedule, each only when it applies.
+
+    ``saved`` and ``current`` are flat argument dicts (``Arguments.to_dict``; a checkpoint's
+    config.json keeps the saved one under "arguments"). Keys missing from either are not compared.
+    """
+    warnings = []
+    data_changes = _changes(saved, current, DATA_KEYS)
+    if data_changes:
+        warnings.append(
+            f"resuming {checkpoint} with other data arguments than it was saved with ({'; '.join(data_changes)}). "
+            f"The checkpoint consumed {consumed_samples} samples of the saved sample order; this run goes on from "
+            f"sample {consumed_samples} of another order, so samples may repeat or be skipped, and with another "
+            "split or input_dir, documents trained on may be in the evaluation set. Resume with the saved values "
+            "to continue the same data stream."
+        )
+    if all(key in saved for key in SCHEDULE_KEYS):
+        before = schedule_settings(types.SimpleNamespace(**{key: saved[key] for key in SCHEDULE_KEYS}))
+        after = schedule_settings(types.SimpleNamespace(**{key: current[key] for key in SCHEDULE_KEYS}))
+        if before != after:
+            schedule_changes = _changes(saved, current, SCHEDULE_KEYS)
+            warnings.append(
+                f"resuming {checkpoint} with another learning-rate schedule ({'; '.join(schedule_changes)}): step "
+                f"{step + 1} runs at {learning_rate_at(step, *after):.3e}, where the saved schedule has "
+                f"{learning_rate_at(step, *before):.3e}. Resume with the saved values to keep the schedule."
+            )
+    return warnings

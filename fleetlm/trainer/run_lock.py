@@ -1,0 +1,59 @@
+"""One run per output_dir: rank 0 holds an exclusive lock on ``OUTPUT_DIR/.fleetlm.lock`` while it runs.
+
+Two runs writing one output_dir replace each other's checkpoints and interleave metrics.jsonl. The
+lock is ``flock`` on an open file, so the kernel releases it when the process ends in any way,
+SIGKILL included: a lock file left behind never blocks a later run. The file records who holds it,
+for the message another run prints.
+NOTE: flock covers the processes of one machine. A file system that does not support it (some NFS
+setups) gets a warning and no lock.
+"""
+
+import datetime
+import fcntl
+import os
+import socket
+from typing import Optional
+
+from fleetlm.arguments import ConfigError
+from fleetlm.utils.log import get_logger
+
+logger = get_logger(__name__)
+
+LOCK_NAME = ".fleetlm.lock"
+
+
+class OutputDirLock:
+    """An exclusive lock on one output_dir, held from ``acquire`` until ``release`` or the end of the process."""
+
+    def __init__(self, output_dir: str):
+        self.path = os.path.join(output_dir, LOCK_NAME)
+        self._fd: Optional[int] = None
+
+    def acquire(self) -> None:
+        """Take the lock, or raise ConfigError naming the run that holds it."""
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip() or "a process that wrote no details"
+            os.close(fd)
+            raise ConfigError(
+                f"output_dir='{os.path.dirname(self.path)}' is in use by another run ({holder}); two runs in one "
+                "output_dir overwrite each other's checkpoints. Wait for that run to end or stop it, or choose "
+                "another output_dir."
+            ) from None
+        except OSError as e:
+            os.close(fd)
+            logger.warning("cannot lock %s (%s); nothing stops a second run from writing into this output_dir",
+                           self.path, e.strerror)
+            return
+        started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, started {started}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the flock
+            self._fd = None
