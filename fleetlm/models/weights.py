@@ -19,6 +19,8 @@ and fused gate/up projections (ChatGLM2's dense_h_to_4h) are split into fleetlm'
 
 import json
 import os
+import pickle
+import re
 import struct
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -87,8 +89,11 @@ def _read_torch_bin(path: str) -> Dict[str, np.ndarray]:
 def _read_pdparams(path: str) -> Dict[str, np.ndarray]:
     import paddle
 
+    state = paddle.load(path)
+    if not isinstance(state, dict):
+        raise ValueError(f"paddle.load returned a {type(state).__name__}, not a dict of tensors")
     out = {}
-    for name, tensor in paddle.load(path).items():
+    for name, tensor in state.items():
         if isinstance(tensor, paddle.Tensor):
             if tensor.dtype == paddle.bfloat16:
                 tensor = tensor.astype("float32")
@@ -102,55 +107,109 @@ _READERS = {"model.safetensors": read_safetensors, "pytorch_model.bin": _read_to
             "model_state.pdparams": _read_pdparams}
 
 
+# Errors the file readers raise for a truncated, zeroed or otherwise unparsable file. paddle.load
+# raises ValueError or EOFError, a short safetensors header raises struct.error, and torch.load
+# raises RuntimeError or UnpicklingError.
+_UNREADABLE_FILE_ERRORS = (ValueError, EOFError, pickle.UnpicklingError, struct.error, RuntimeError, OSError)
+
+# The files of a fleetlm checkpoint that reading its weights needs: config.json and the model files.
+_CHECKPOINT_WEIGHT_FILE = re.compile(r"^(config\.json|model_state(\.tp\d+_pp\d+(_sd\d+)?)?\.pdparams)$")
+
+
+class _DamagedWeights(Exception):
+    """A weight file that cannot be read; read_weights turns it into a ConfigError naming the directory."""
+
+    def __init__(self, file_name: str, reason: str):
+        super().__init__(f"{file_name}: {reason}")
+        self.file_name = file_name
+        self.reason = reason
+
+
+def _verify_weight_file_sizes(directory: str) -> None:
+    """Compare the sizes of a fleetlm checkpoint's config.json and model files with trainer_state.json.
+
+    A truncated model file would otherwise fail inside paddle.load, and a missing tensor-parallel
+    shard would join into a tensor of the wrong shape. Optimizer and RNG files are not checked, so
+    a checkpoint stripped of them to save disk still exports. Raises _DamagedWeights.
+    """
+    from fleetlm.trainer.checkpoint import DamagedCheckpointError, verify_file_sizes
+
+    # A version 1 checkpoint may have no size list; a missing model file then fails in the reader.
+    try:
+        verify_file_sizes(directory, only=_CHECKPOINT_WEIGHT_FILE.match)
+    except DamagedCheckpointError as e:
+        raise _DamagedWeights(e.file_name, e.reason) from None
+
+
+def _read_file(reader, path: str) -> Dict[str, np.ndarray]:
+    """Run ``reader`` on ``path``, raising _DamagedWeights when the file cannot be parsed."""
+    try:
+        return reader(path)
+    except ConfigError:
+        raise
+    except _UNREADABLE_FILE_ERRORS as e:
+        raise _DamagedWeights(os.path.basename(path), f"{type(e).__name__}: {e}") from None
+
+
 def _read_checkpoint_shards(directory: str, files: List[str]) -> Tuple[Dict[str, np.ndarray], str]:
     """Join the per-rank model files of a fleetlm checkpoint into whole tensors in Paddle layout."""
-    from fleetlm.trainer.checkpoint import TRAINER_STATE, CheckpointError, DamagedCheckpointError, verify_file_sizes
+    from fleetlm.trainer.checkpoint import CheckpointError
     from fleetlm.trainer.sharded_checkpoint import read_full_model
 
     source = os.path.join(directory, "model_state.tp*_pp*.pdparams")
+    # NOTE: without trainer_state.json (model files copied on their own) nothing checks that
+    # every tensor-parallel rank and pipeline stage is present. load_pretrained still compares
+    # each tensor's shape with the model's, but the export does not.
     try:
-        # A missing or truncated shard would otherwise join into a tensor of the wrong shape.
-        # NOTE: without trainer_state.json (model files copied on their own) nothing checks that
-        # every tensor-parallel rank and pipeline stage is present. load_pretrained still compares
-        # each tensor's shape with the model's, but the export does not.
-        if os.path.isfile(os.path.join(directory, TRAINER_STATE)):
-            verify_file_sizes(directory)
         tensors = read_full_model(directory)
-    except DamagedCheckpointError as e:
-        raise ConfigError(
-            f"cannot read the weights of {directory}: {e.file_name} is damaged ({e.reason}). "
-            "Use another checkpoint-STEP directory of the run."
-        ) from None
     except CheckpointError as e:
         raise ConfigError(str(e)) from None
+    except (KeyError, *_UNREADABLE_FILE_ERRORS) as e:
+        # read_full_model does not say which file failed, but paddle.load's message names it.
+        raise _DamagedWeights("a model_state.tp*_pp*.pdparams file", f"{type(e).__name__}: {e}") from None
     # Tensor.numpy() returns bfloat16 as its uint16 bits, and model parameters are never integers.
     tensors = {name: _bf16_to_fp32(array) if array.dtype == np.uint16 else array for name, array in tensors.items()}
     logger.info("joined %d tensors from %d model files in %s", len(tensors), len(files), directory)
     return tensors, source
 
 
-def read_weights(directory: str) -> Tuple[Dict[str, np.ndarray], str]:
-    """Return (every tensor of the directory's weights by name, the file or index that listed them)."""
+def _read_index(index: str, directory: str, reader) -> Dict[str, np.ndarray]:
+    """Read every shard listed in the weight_map of the ``*.index.json`` file ``index``."""
+    try:
+        with open(index, encoding="utf-8") as f:
+            weight_map = json.load(f).get("weight_map")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise ConfigError(f"{index} is not a JSON object of a weight index ({type(e).__name__}: {e}).") from None
+    if not isinstance(weight_map, dict):
+        raise ConfigError(f"{index} has no 'weight_map' object of tensor name -> shard file.")
+    tensors: Dict[str, np.ndarray] = {}
+    for shard in sorted(set(weight_map.values())):
+        path = os.path.join(directory, shard)
+        if not os.path.isfile(path):
+            raise ConfigError(f"{index} lists shard {shard}, which is not in {directory}.")
+        tensors.update(_read_file(reader, path))
+    return tensors
+
+
+def _read_first_weights(directory: str) -> Tuple[Dict[str, np.ndarray], str]:
+    """Read the first weights found in the order of WEIGHT_FILES, then a fleetlm checkpoint's per-rank files."""
     from fleetlm.trainer.sharded_checkpoint import model_shard_files
 
     for base in WEIGHT_FILES:
         reader = _READERS[base]
         index = os.path.join(directory, base + ".index.json")
         single = os.path.join(directory, base)
-        if os.path.isfile(index):
-            with open(index, encoding="utf-8") as f:
-                weight_map = json.load(f).get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise ConfigError(f"{index} has no 'weight_map' object of tensor name -> shard file.")
-            tensors: Dict[str, np.ndarray] = {}
-            for shard in sorted(set(weight_map.values())):
-                path = os.path.join(directory, shard)
-                if not os.path.isfile(path):
-                    raise ConfigError(f"{index} lists shard {shard}, which is not in {directory}.")
-                tensors.update(reader(path))
-            return tensors, index
+        # transformers 5.25 (modeling_utils) loads model.safetensors before model.safetensors.index.json,
+        # and pytorch_model.bin before its index. Reading in the same order gives the same weights.
         if os.path.isfile(single):
-            return reader(single), single
+            if os.path.isfile(index):
+                logger.warning(
+                    "%s contains both %s and %s, which may hold different weights; reading %s, as transformers "
+                    "does. Delete the stale one.", directory, base, base + ".index.json", base,
+                )
+            return _read_file(reader, single), single
+        if os.path.isfile(index):
+            return _read_index(index, directory, reader), index
     shard_files = model_shard_files(directory)
     if shard_files:
         return _read_checkpoint_shards(directory, shard_files)
@@ -158,6 +217,28 @@ def read_weights(directory: str) -> Tuple[Dict[str, np.ndarray], str]:
         f"no weights in {directory}: expected one of {', '.join(WEIGHT_FILES)} (or its .index.json with shards), "
         "or the model_state.tp*_pp*.pdparams files of a fleetlm checkpoint."
     )
+
+
+def read_weights(directory: str) -> Tuple[Dict[str, np.ndarray], str]:
+    """Return (every tensor of the directory's weights by name, the file or index that listed them).
+
+    Raises ConfigError naming the file when a weight file is missing, truncated or cannot be parsed.
+    """
+    from fleetlm.trainer.checkpoint import TRAINER_STATE, CheckpointError
+
+    checkpoint = os.path.isfile(os.path.join(directory, TRAINER_STATE))
+    try:
+        if checkpoint:
+            _verify_weight_file_sizes(directory)
+        return _read_first_weights(directory)
+    except CheckpointError as e:
+        # trainer_state.json has a format version this fleetlm cannot read.
+        raise ConfigError(str(e)) from None
+    except _DamagedWeights as e:
+        fix = "Use another checkpoint-STEP directory of the run." if checkpoint else "Replace it with an intact copy."
+        raise ConfigError(
+            f"cannot read the weights of {directory}: {e.file_name} is damaged ({e.reason}). {fix}"
+        ) from None
 
 
 # ---- name and layout rules per Hugging Face layout ----
