@@ -69,8 +69,9 @@ def main() -> int:
     print(f"unigram entropy of the training split: {entropy:.4f} nats/token over {total} tokens")
     print(f"first train loss: {train[0][1]:.4f} (step {train[0][0]}); last: {train[-1][1]:.4f} (step {train[-1][0]})")
     if evals:
+        gap = entropy - evals[-1][1]
         print(f"last eval loss: {evals[-1][1]:.4f} (step {evals[-1][0]}), "
-              f"{entropy - evals[-1][1]:.4f} nats below the unigram entropy")
+              f"{abs(gap):.4f} nats {'below' if gap >= 0 else 'above'} the unigram entropy")
     print(f"wrote {args.png}")
     return 0
 

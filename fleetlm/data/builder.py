@@ -131,6 +131,10 @@ def _warn_if_missing(cache: IndexCache, allow_build: bool) -> None:
                        "Set data_cache to a directory that every node shares to avoid this.", cache.description_path)
 
 
+# The run_pretrain.py switch that stops a run from reading each split.
+_SPLIT_SWITCH = ("--do_train false", "--do_eval false", "--do_predict false")
+
+
 def _build_split(split_id: int, sources: list[Source], documents: list[TokenDocuments], fractions: list[float],
                  max_seq_length: int, seed: int, num_samples: int, data_cache: Optional[str], allow_build: bool):
     split_name = SPLIT_NAMES[split_id]
@@ -140,7 +144,8 @@ def _build_split(split_id: int, sources: list[Source], documents: list[TokenDocu
             raise DataError(
                 f"the {split_name} split of {source.prefix!r} is empty ({docs.num_documents} documents, split "
                 f"fractions {[round(f, 4) for f in fractions]}) but {num_samples} {split_name} samples are needed; "
-                f"give the {split_name} split a larger weight or request no {split_name} samples"
+                f"give the {split_name} split a larger weight (--split) or turn off what reads it "
+                f"({_SPLIT_SWITCH[split_id]})"
             )
 
     weights = [source.weight for source in sources]

@@ -1,0 +1,26 @@
+"""The *-debug.json argument files run as their READMEs say, on data made by ``python -m fleetlm.data.synthetic``."""
+
+import subprocess
+import sys
+
+from run_util import REPO_ROOT, RUN_PRETRAIN, _env
+
+
+def test_debug_file_trains_on_synthetic_data(tmp_path):
+    made = subprocess.run([sys.executable, "-m", "fleetlm.data.synthetic"], cwd=tmp_path, env=_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert made.returncode == 0, made.stderr
+    assert (tmp_path / "data" / "debug_pattern.idx").is_file()
+    # The file's own relative paths (./data/debug_pattern, ./checkpoints/llama-debug), from the working directory.
+    run = subprocess.run([sys.executable, RUN_PRETRAIN, f"{REPO_ROOT}/llama/pretrain_llama-debug.json", "--max_steps", "2",
+                          "--eval_steps", "2", "--save_steps", "2"],
+                         cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert (tmp_path / "checkpoints" / "llama-debug" / "checkpoint-2" / "trainer_state.json").is_file()
+
+
+def test_synthetic_data_rejects_bad_sizes(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "fleetlm.data.synthetic", "--vocab_size", "70000"], cwd=tmp_path,
+                            env=_env(), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "--vocab_size 70000: give 5 to 65536" in result.stderr
