@@ -1,4 +1,4 @@
-"""The *-debug.json argument files run as their READMEs say, on data made by ``python -m fleetlm.data.synthetic``."""
+"""The *-debug.json argument files train, unchanged, on the data that ``python -m fleetlm.data.synthetic`` writes."""
 
 import subprocess
 import sys
@@ -7,9 +7,9 @@ from run_util import REPO_ROOT, RUN_PRETRAIN, _env
 
 
 def test_debug_file_trains_on_synthetic_data(tmp_path):
-    made = subprocess.run([sys.executable, "-m", "fleetlm.data.synthetic"], cwd=tmp_path, env=_env(),
+    synthetic = subprocess.run([sys.executable, "-m", "fleetlm.data.synthetic"], cwd=tmp_path, env=_env(),
                           capture_output=True, text=True, timeout=120)
-    assert made.returncode == 0, made.stderr
+    assert synthetic.returncode == 0, synthetic.stderr
     assert (tmp_path / "data" / "debug_pattern.idx").is_file()
     # The file's own relative paths (./data/debug_pattern, ./checkpoints/llama-debug), from the working directory.
     run = subprocess.run([sys.executable, RUN_PRETRAIN, f"{REPO_ROOT}/llama/pretrain_llama-debug.json", "--max_steps", "2",
