@@ -64,8 +64,15 @@ def check_output_prefix(parser, prefix: str, overwrite: bool, example: str) -> N
         parser.error(f"{existing[0]} already exists; pass --overwrite to replace it, or choose another --output_prefix")
 
 
-def check_json_keys(parser, keys: list) -> None:
-    """Exit with status 2 when ``--json_key`` names a key twice, which would repeat its text in every document."""
+def check_json_keys(parser, args) -> None:
+    """Default ``args.json_key`` to ["text"]; exit with status 2 when it names a key twice, which would repeat its text.
+
+    ``--json_key`` takes several keys and may be repeated (argparse's "extend"): ``--json_key text
+    --json_key title`` is ``--json_key text title``.
+    """
+    if args.json_key is None:
+        args.json_key = ["text"]
+    keys = args.json_key
     repeated = sorted({key for key in keys if keys.count(key) > 1})
     if repeated:
         parser.error(f"--json_key names {', '.join(map(repr, repeated))} more than once; give each key once")

@@ -29,8 +29,8 @@ def parse_args() -> argparse.Namespace:
     group.add_argument("--input_path", required=True,
                        help="a .jsonl/.json/.txt file (optionally .gz or .zst) or a directory searched recursively")
     group.add_argument("--output_prefix", required=True, help="output path without suffix; writes PREFIX.bin, PREFIX.idx and PREFIX.meta.json")
-    group.add_argument("--json_key", nargs="+", default=["text"],
-                       help="JSON key(s) holding the text; several keys and list values are joined with newlines")
+    group.add_argument("--json_key", nargs="+", action="extend", default=None,
+                       help="JSON key(s) holding the text (default: text); several keys, also from a repeated --json_key, and list values are joined with newlines")
     group.add_argument("--data_format", default="JSON", choices=["JSON", "json", "jsonl", "text"],
                        help="accepted for PaddleNLP compatibility; the input kind comes from each file's suffix")
     group.add_argument("--data_impl", default="mmap", choices=["mmap"], help="output format; only mmap (.bin/.idx)")
@@ -60,7 +60,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     if args.workers > 4 * cores:
         parser.error(f"--workers {args.workers} is more than 4 per CPU core ({cores} cores here, so at most "
                      f"{4 * cores}); one worker per core, --workers {cores}, is the fastest")
-    check_json_keys(parser, args.json_key)
+    check_json_keys(parser, args)
     check_output_prefix(parser, args.output_prefix, args.overwrite, "data/corpus")
 
 

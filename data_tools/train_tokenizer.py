@@ -20,6 +20,7 @@ from _common import check_json_keys, run_tool
 # SentencePiece's own bounds (trainer_interface.cc), checked here so the message names the option.
 MIN_SENTENCE_LENGTH, MAX_SENTENCE_LENGTH = 10, 1 << 30
 MIN_CHARACTER_COVERAGE = 0.98
+MAX_THREADS = 1024
 # 3 special tokens (<unk>, <s>, </s>) and 256 byte-fallback pieces come before any learned piece.
 MIN_VOCAB_SIZE = 260
 
@@ -28,8 +29,8 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--input_path", required=True,
                         help="a .jsonl/.json/.txt file (optionally .gz or .zst) or a directory searched recursively")
-    parser.add_argument("--json_key", nargs="+", default=["text"],
-                        help="JSON key(s) holding the text; several keys and list values are joined with newlines")
+    parser.add_argument("--json_key", nargs="+", action="extend", default=None,
+                        help="JSON key(s) holding the text (default: text); several keys, also from a repeated --json_key, and list values are joined with newlines")
     parser.add_argument("--output_prefix", required=True, help="output path without suffix; writes PREFIX.model and PREFIX.vocab")
     parser.add_argument("--overwrite", action="store_true", help="replace PREFIX.model and PREFIX.vocab if they exist")
     parser.add_argument("--vocab_size", type=int, default=32000,
@@ -63,9 +64,11 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
                      f"{MAX_SENTENCE_LENGTH} bytes")
     if args.max_sentences < 0:
         parser.error(f"--max_sentences {args.max_sentences} is negative; give a line count, or 0 for every line")
-    if args.workers < 1:
-        parser.error(f"--workers {args.workers}: give 1 or more threads")
-    check_json_keys(parser, args.json_key)
+    if not 1 <= args.workers <= MAX_THREADS:
+        parser.error(f"--workers {args.workers}: give 1 to {MAX_THREADS} threads")
+    if not 0 <= args.seed < 1 << 32:
+        parser.error(f"--seed {args.seed} is outside 0..{(1 << 32) - 1}")
+    check_json_keys(parser, args)
     prefix = args.output_prefix
     if not os.path.basename(prefix) or prefix.endswith((".model", ".vocab")):
         parser.error(f"--output_prefix {prefix!r}: give a path without suffix, e.g. data/bpe for data/bpe.model "

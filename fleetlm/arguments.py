@@ -479,7 +479,9 @@ def _drop_file_batch_key(values: Dict[str, Any], cli_keys, file_keys, config_fil
         if values[file_key] != default:
             overridden[file_key] = (
                 f"dropping {file_key}={values[file_key]} from {config_file}: --{cli_key} {values[cli_key]} on the "
-                f"command line sets the batch instead ({file_key} is {default} now)"
+                f"command line sets the batch instead"
+                + (" (gradient_accumulation_steps is derived from it)" if file_key == "gradient_accumulation_steps"
+                   else " (global_batch_size is unset)")
             )
         values[file_key] = default
     return overridden
@@ -612,7 +614,7 @@ def format_help() -> str:
         "--gradient_accumulation_steps on the command line also replaces the other of the two when the",
         "argument file sets it.",
         "",
-        "  --dry_run (switch, written without a value)",
+        "  --dry_run (switch; also --dry_run true or false)",
         "      Parse the arguments, check the parallel layout and split, print the parameter count and the",
         "      per-card memory of parameters, gradients and optimizer state, and exit without reading data.",
     ]

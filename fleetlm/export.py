@@ -15,7 +15,7 @@ Face layout and is rejected.
 
 OUT_DIR is rejected when it is, contains or lies inside a fleetlm checkpoint or a run's output_dir,
 and when it already contains config.json or weight files, unless ``--overwrite`` is given. With
-``--overwrite`` the weight files the export does not write (shards, index files, pytorch_model*.bin)
+``--overwrite`` the weight files the export does not write (shards, index files, pytorch_model*.bin, model_state*.pdparams)
 are deleted, so no loader finds the old weights beside the new ones. The files are written into a
 hidden directory next to OUT_DIR first (``.NAME.export-*.tmp``, left behind only when the process is
 killed) and then renamed into place.
@@ -54,7 +54,7 @@ _CHECKPOINT_FILE = re.compile(
     r"^(trainer_state\.json|model_state\.tp\d+_pp\d+(_sd\d+)?\.pdparams|optimizer\..+\.pdopt|rng_state_rank\d+\.pkl)$"
 )
 # Names of checkpoint directories that resume and checkpoint rotation read, rename or delete.
-_CHECKPOINT_NAME = re.compile(r"^checkpoint-\d+(\.tmp|\.deleting|\.abandoned\d*)?$")
+_CHECKPOINT_NAME = re.compile(r"^checkpoint-\d+(\.tmp|\.deleting|\.abandoned[-\w]*)?$")
 
 
 # ---- CHECKPOINT_DIR ----
@@ -155,7 +155,12 @@ def _enclosing_checkpoint(path: str) -> Optional[str]:
 
 
 def _has_checkpoint_dirs(path: str) -> bool:
-    return os.path.isdir(path) and any(_CHECKPOINT_NAME.match(name) for name in os.listdir(path))
+    """Return True for a run's output_dir: it holds checkpoint-STEP directories, or the lock of a run (one that
+    has not saved yet, or saves none)."""
+    if not os.path.isdir(path):
+        return False
+    names = os.listdir(path)
+    return ".fleetlm.lock" in names or any(_CHECKPOINT_NAME.match(name) for name in names)
 
 
 def _check_out_dir(out_dir: str, checkpoint_dir: str) -> List[str]:
@@ -187,7 +192,7 @@ def _check_out_dir(out_dir: str, checkpoint_dir: str) -> List[str]:
         )
     if _has_checkpoint_dirs(target):
         raise ConfigError(
-            f"OUT_DIR '{out_dir}' is a run's output_dir (it contains checkpoint-STEP directories); pass a new "
+            f"OUT_DIR '{out_dir}' is a run's output_dir (it contains checkpoint-STEP directories or a run's lock); pass a new "
             f"directory, e.g. {suggestion}"
         )
     if _CHECKPOINT_NAME.match(os.path.basename(target)) and _has_checkpoint_dirs(os.path.dirname(target)):
@@ -328,7 +333,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument(
         "--overwrite", action="store_true",
         help="replace config.json and model.safetensors already in OUT_DIR and delete its other weight files "
-             "(shards, index files, pytorch_model*.bin); a fleetlm checkpoint is never overwritten",
+             "(shards, index files, pytorch_model*.bin, model_state*.pdparams); a fleetlm checkpoint is never overwritten",
     )
     args = parser.parse_args(argv)
     try:

@@ -164,17 +164,26 @@ def _run(args: Arguments, progress: _RunProgress) -> int:
         ckpt.verify_file_sizes(path)
         _check_resume(path, args, plan)
 
+    def take_lock() -> None:
+        if process_rank() == 0 and progress.lock is None:
+            progress.lock = OutputDirLock(args.training.output_dir)
+            progress.lock.acquire()
+
     try:
+        output_dir = args.training.output_dir
+        if output_dir and os.path.isdir(output_dir) and os.access(output_dir, os.W_OK):
+            # A run already in this output_dir is named before anything else is said about its contents.
+            take_lock()
         plan = plan_run(args, world_size())
         resume_path = ckpt.resolve_resume_path(
             args.training.resume_from_checkpoint, args.training.output_dir, verify_resumable
         )
         resume_state = _check_resume(resume_path, args, plan) if resume_path else None
         check_token_ids(args.data.input_dir, plan.model_config.vocab_size, args.data.data_cache)
-        if process_rank() == 0:
-            # Before anything writes into output_dir (and creates it): a second run there stops here.
-            progress.lock = OutputDirLock(args.training.output_dir)
-            progress.lock.acquire()
+        if resume_path is not None:
+            ckpt.check_resume_into(resume_path, output_dir)
+        # Before anything writes into output_dir (and creates it): a second run there stops here.
+        take_lock()
     except RunComplete as e:
         # A finished run started again (a retried job, a rerun script): nothing to do is success.
         logger.info("%s", e)
@@ -425,13 +434,29 @@ def exit_process(code: int) -> NoReturn:
     sys.exit(code)
 
 
+def _take_dry_run(argv: List[str]) -> tuple:
+    """Remove ``--dry_run`` (alone, or followed by true/false like the other switches) from argv; return (on, rest)."""
+    dry_run, rest, i = False, [], 0
+    while i < len(argv):
+        if argv[i] == "--dry_run":
+            following = argv[i + 1].lower() if i + 1 < len(argv) else ""
+            if following in ("true", "false"):
+                dry_run = following == "true"
+                i += 2
+                continue
+            dry_run = True
+        else:
+            rest.append(argv[i])
+        i += 1
+    return dry_run, rest
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
         print(format_help())
         return 0
-    dry_run = "--dry_run" in argv
-    argv = [a for a in argv if a != "--dry_run"]
+    dry_run, argv = _take_dry_run(argv)
     try:
         args = parse_arguments(argv)
         if dry_run:

@@ -86,7 +86,7 @@ def test_cli_global_batch_overrides_file(tmp_path):
     assert args.overridden == {
         "gradient_accumulation_steps": (
             f"dropping gradient_accumulation_steps=2 from {path}: --global_batch_size 8 on the command line sets the "
-            "batch instead (gradient_accumulation_steps is 1 now)"
+            "batch instead (gradient_accumulation_steps is derived from it)"
         )
     }
     assert plan_run(args, 1).batch.accumulation_steps == 4
@@ -133,7 +133,7 @@ def test_same_source_batch_contradiction_rejected(tmp_path):
 def test_help_lists_dry_run():
     text = format_help()
     assert "[--dry_run]" in text.splitlines()[0]
-    assert "  --dry_run (switch, written without a value)" in text
+    assert "  --dry_run (switch; also --dry_run true or false)" in text
     assert "An option given twice on the command" in text
 
 

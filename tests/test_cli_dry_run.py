@@ -88,3 +88,16 @@ def test_model_name_hint_lists_five_closest_only():
     listed = hint.split("Closest registered names: ")[1].split(" (")[0].split(", ")
     assert len(listed) == 5
     assert f"({len(MODEL_REGISTRY)} in all; fleetlm.models.registry.registered_names() lists them)" in hint
+
+
+@pytest.mark.parametrize("argv, on, rest", [
+    (["a.json", "--dry_run"], True, ["a.json"]),
+    (["a.json", "--dry_run", "true", "--max_steps", "3"], True, ["a.json", "--max_steps", "3"]),
+    (["a.json", "--dry_run", "false"], False, ["a.json"]),
+    (["a.json", "--dry_run", "--max_steps", "3"], True, ["a.json", "--max_steps", "3"]),
+    (["a.json"], False, ["a.json"]),
+])
+def test_dry_run_switch_with_or_without_value(argv, on, rest):
+    from fleetlm.pretrain import _take_dry_run
+
+    assert _take_dry_run(argv) == (on, rest)

@@ -24,3 +24,21 @@ def test_synthetic_data_rejects_bad_sizes(tmp_path):
                             env=_env(), capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "--vocab_size 70000: give 5 to 65536" in result.stderr
+
+
+def test_synthetic_data_keeps_existing_files(tmp_path):
+    def synthetic(*args):
+        return subprocess.run([sys.executable, "-m", "fleetlm.data.synthetic", *args], cwd=tmp_path, env=_env(),
+                              capture_output=True, text=True, timeout=120)
+
+    assert synthetic("corpus").returncode == 0
+    before = (tmp_path / "corpus.bin").read_bytes()
+    again = synthetic("corpus", "--seed", "3")
+    assert again.returncode == 2
+    assert "corpus.bin already exists; pass --overwrite to replace it" in again.stderr
+    assert (tmp_path / "corpus.bin").read_bytes() == before
+    assert synthetic("corpus", "--seed", "3", "--overwrite").returncode == 0
+    assert (tmp_path / "corpus.bin").read_bytes() != before
+    under_file = synthetic("corpus.bin/x")
+    assert under_file.returncode == 2
+    assert "cannot create the directory of 'corpus.bin/x'" in under_file.stderr

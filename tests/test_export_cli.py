@@ -110,6 +110,16 @@ def test_out_dir_at_checkpoint_rejected(run_copy, export_log, case):
     assert snapshot(run_copy) == before
 
 
+def test_output_dir_of_run_without_checkpoint_rejected(run_copy, tmp_path, export_log):
+    # A run before its first save (or one that saves none) has only its lock and metrics.jsonl.
+    out_dir = tmp_path / "running"
+    out_dir.mkdir()
+    (out_dir / ".fleetlm.lock").write_text("pid 1 on host\n")
+    assert export_main([os.path.join(run_copy, "checkpoint-2"), str(out_dir)]) == 2
+    assert "is a run's output_dir" in messages(export_log, logging.ERROR)[0]
+    assert sorted(os.listdir(out_dir)) == [".fleetlm.lock"]
+
+
 def test_out_dir_beside_checkpoint_accepted(run_copy, reference):
     out_dir = os.path.join(run_copy, "checkpoint-2-hf")
     assert export_main([os.path.join(run_copy, "checkpoint-2"), out_dir]) == 0

@@ -37,14 +37,25 @@ def main() -> None:
     parser.add_argument("--vocab_size", type=int, default=DEBUG_VOCAB_SIZE,
                         help=f"ids stay below this (default {DEBUG_VOCAB_SIZE}, the tiny models' vocabulary)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--overwrite", action="store_true", help="replace PREFIX.bin/.idx if they exist")
     args = parser.parse_args()
+    prefix = args.output_prefix
+    if not os.path.basename(prefix) or prefix.endswith((".bin", ".idx")) or os.path.isdir(prefix):
+        parser.error(f"output prefix {prefix!r}: give a path without suffix that is not a directory, e.g. "
+                     "data/debug_pattern for data/debug_pattern.bin and .idx")
+    for path in (prefix + ".bin", prefix + ".idx"):
+        if os.path.exists(path) and not args.overwrite:
+            parser.error(f"{path} already exists; pass --overwrite to replace it, or choose another output prefix")
     if args.num_documents < 1:
         parser.error(f"--num_documents {args.num_documents}: give 1 or more")
     if not 5 <= args.vocab_size <= 65536:
         parser.error(f"--vocab_size {args.vocab_size}: give 5 to 65536 (the ids are stored as uint16)")
-    directory = os.path.dirname(os.path.abspath(args.output_prefix))
-    os.makedirs(directory, exist_ok=True)
-    write_pattern_tokens(args.output_prefix, args.num_documents, args.vocab_size, args.seed)
+    directory = os.path.dirname(os.path.abspath(prefix))
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as e:
+        parser.error(f"cannot create the directory of {prefix!r}: {e.strerror or e}")
+    write_pattern_tokens(prefix, args.num_documents, args.vocab_size, args.seed)
     print(f"wrote {args.output_prefix}.bin and {args.output_prefix}.idx: {args.num_documents} documents, "
           f"token ids below {args.vocab_size}")
 

@@ -19,7 +19,8 @@ checkpoint under a complete name. Rotation counts only checkpoints up to the ste
 
 Resuming from step N sets aside every checkpoint of output_dir above N: they belong to the run
 that went on from N (an older checkpoint chosen by hand, or newer ones skipped as damaged). They
-are renamed to ``checkpoint-STEP.abandoned``, which neither a resume nor rotation reads.
+are renamed to ``checkpoint-STEP.abandoned-TIME`` (UTC time of the resume, the same for all of
+them), which neither a resume nor rotation reads.
 
 trainer_state.json is a JSON object with these keys:
     format_version    2 (this fleetlm writes 2 and reads 1 and 2)
@@ -42,6 +43,7 @@ import pickle
 import random
 import re
 import shutil
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -131,8 +133,26 @@ def _unfinished_checkpoints(output_dir: str) -> List[Tuple[int, str]]:
     return sorted(found)
 
 
+def check_resume_into(checkpoint: str, output_dir: str) -> None:
+    """Raise CheckpointError when a checkpoint from another directory would resume into an output_dir holding checkpoints.
+
+    Those checkpoints belong to another run: resuming would set aside or rotate them away and
+    continue that run's metrics.jsonl with this one's steps.
+    """
+    source_dir = os.path.realpath(os.path.dirname(os.path.normpath(checkpoint)))
+    if source_dir == os.path.realpath(output_dir) or os.path.realpath(checkpoint) == os.path.realpath(output_dir):
+        return
+    existing = list_checkpoints(output_dir) + _unfinished_checkpoints(output_dir)
+    if existing:
+        raise CheckpointError(
+            f"resume_from_checkpoint='{checkpoint}' lies outside output_dir='{output_dir}', which holds checkpoints "
+            f"of another run ({', '.join(os.path.basename(p) for _, p in sorted(existing))}); resuming would mix the "
+            "two runs. Choose a new output_dir, or resume from output_dir's own checkpoints."
+        )
+
+
 def set_aside_newer(output_dir: str, step: int, resumed_from: str) -> List[str]:
-    """Rename checkpoints of ``output_dir`` with a step above ``step`` to ``checkpoint-N.abandoned``; return the new paths.
+    """Rename checkpoints of ``output_dir`` above ``step`` to ``checkpoint-N.abandoned-TIME``; return the new paths.
 
     Called (rank 0) after resuming from step ``step``: the newer checkpoints belong to the run that
     was abandoned there. Left in place, a later ``resume_from_checkpoint true`` would continue that
@@ -140,12 +160,14 @@ def set_aside_newer(output_dir: str, step: int, resumed_from: str) -> List[str]:
     """
     moved = []
     newer = [(n, path) for n, path in list_checkpoints(output_dir) + _unfinished_checkpoints(output_dir) if n > step]
+    # One suffix for the whole abandoned branch, so its checkpoints stay recognisable as one run.
+    tag = time.strftime("abandoned-%Y%m%dT%H%M%S", time.gmtime())
+    suffix, counter = tag, 1
+    while any(os.path.exists(f"{path}.{suffix}") for _, path in newer):
+        counter += 1
+        suffix = f"{tag}-{counter}"
     for _, path in sorted(newer):
-        target = path + ".abandoned"
-        suffix = 1
-        while os.path.exists(target):
-            suffix += 1
-            target = f"{path}.abandoned{suffix}"
+        target = f"{path}.{suffix}"
         os.rename(path, target)
         moved.append(target)
     if moved:

@@ -12,6 +12,7 @@ import datetime
 import fcntl
 import os
 import socket
+import stat
 from typing import Optional
 
 from fleetlm.arguments import ConfigError
@@ -32,7 +33,14 @@ class OutputDirLock:
     def acquire(self) -> None:
         """Take the lock, or raise ConfigError naming the run that holds it."""
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            # O_NOFOLLOW: a symbolic link planted at the lock path must not make the run overwrite its target.
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+        except OSError as e:
+            raise self._unusable(e.strerror or str(e)) from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise self._unusable("not a regular file")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -49,9 +57,19 @@ class OutputDirLock:
                            self.path, e.strerror)
             return
         started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, started {started}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, started {started}\n".encode(), 0)
+        except OSError as e:
+            os.close(fd)
+            raise self._unusable(e.strerror or str(e)) from None
         self._fd = fd
+
+    def _unusable(self, reason: str) -> ConfigError:
+        return ConfigError(
+            f"cannot use the lock file {self.path} ({reason}); it keeps two runs out of one output_dir. Remove it "
+            "(no running fleetlm run holds a file in this state) or choose another output_dir."
+        )
 
     def release(self) -> None:
         if self._fd is not None:

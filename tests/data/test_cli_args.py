@@ -21,6 +21,7 @@ def run_tool(*args):
     (["--workers", "0"], "--workers 0: must be at least 1"),
     (["--workers", "100000"], "is more than 4 per CPU core"),
     (["--json_key", "text", "title", "text"], "--json_key names 'text' more than once; give each key once"),
+    (["--json_key", "text", "--json_key", "text"], "--json_key names 'text' more than once; give each key once"),
     (["--log_interval", "0"], "--log_interval 0: must be at least 1"),
 ])
 def test_bad_numbers_exit_2(tmp_path, args, expected):
@@ -70,3 +71,14 @@ def test_directory_in_place_of_output_rejected_before_writing(tmp_path, name):
     assert result.returncode == 2
     assert f"{name} is a directory; remove it or choose another --output_prefix" in result.stderr
     assert open(prefix + ".bin", "rb").read() == before
+
+
+def test_repeated_json_key_flags_add_up(tmp_path):
+    corpus = tmp_path / "in.jsonl"
+    corpus.write_text('{"title": "Macbeth", "text": "When shall we three meet again"}\n')
+    one_flag = run_tool("--input_path", str(corpus), "--json_key", "title", "text", "--output_prefix", str(tmp_path / "a"))
+    two_flags = run_tool("--input_path", str(corpus), "--json_key", "title", "--json_key", "text",
+                         "--output_prefix", str(tmp_path / "b"))
+    assert one_flag.returncode == 0 and two_flags.returncode == 0, two_flags.stderr
+    assert (tmp_path / "a.bin").read_bytes() == (tmp_path / "b.bin").read_bytes()
+    assert (tmp_path / "a.bin").stat().st_size > len("Macbeth")  # both keys were tokenized, not the last alone

@@ -62,7 +62,10 @@ def train(tmp_path, *extra, prefix="bpe"):
     (["--character_coverage", "0.5"], "--character_coverage 0.5 is outside 0.98..1"),
     (["--max_sentence_length", "5"], "--max_sentence_length 5 is outside 10..1073741824 bytes"),
     (["--max_sentences", "-1"], "--max_sentences -1 is negative"),
-    (["--workers", "0"], "--workers 0: give 1 or more threads"),
+    (["--workers", "0"], "--workers 0: give 1 to 1024 threads"),
+    (["--workers", "100000"], "--workers 100000: give 1 to 1024 threads"),
+    (["--seed", "-5"], "--seed -5 is outside 0..4294967295"),
+    (["--json_key", "text", "--json_key", "text"], "--json_key names 'text' more than once"),
 ])
 def test_bad_option_rejected_before_reading(tmp_path, options, message):
     result = train(tmp_path, *options)
