@@ -25,8 +25,8 @@ SCHEDULE_KEYS = ("learning_rate", "min_learning_rate", "lr_scheduler_type", "war
 def _normalized(key: str, value: Any) -> Any:
     """Return a form of a data argument in which two spellings of the same setting compare equal.
 
-    input_dir: paths made absolute (against this working directory, where the saved run is assumed
-    to have started too) and blend weights as numbers; split: the normalized fractions.
+    input_dir: paths made absolute and blend weights as numbers. The saved run is assumed to have
+    started in this working directory. split: the normalized fractions.
     """
     if key == "input_dir" and isinstance(value, str):
         fields = value.split()
