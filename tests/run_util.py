@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -45,6 +46,18 @@ def describe(result: subprocess.CompletedProcess, tail: int = 3000) -> str:
     return "\n".join(parts)
 
 
+# NOTE: Paddle 3.3.1's TCP store sometimes fails to bind the port the launcher picked for it and
+# aborts in libuv while it cleans up ("uv__finish_close: Assertion ... failed", C++ traceback through
+# TCPServer::create), before any training: once in several hundred launches on the 2-core machine.
+# A launch that died that way, with no step trained, is started once more.
+_TCP_STORE_ABORT = ("uv__finish_close", "TCPServer::create")
+
+
+def _tcp_store_abort(log_dir: Optional[str]) -> bool:
+    logs = _read_logs(log_dir, tail=20000)
+    return all(marker in logs for marker in _TCP_STORE_ABORT) and " step 1/" not in logs
+
+
 def run_pretrain(
     args: List[str],
     nproc: int = 1,
@@ -57,6 +70,15 @@ def run_pretrain(
 
     Returns the CompletedProcess; ``.logs`` holds the launcher's worker logs when nproc > 1.
     """
+    result = _run_once(args, nproc, log_dir, script, script_args, timeout)
+    if nproc > 1 and result.returncode != 0 and _tcp_store_abort(log_dir):
+        print(f"relaunching after Paddle's TCP store aborted at start-up:\n{describe(result)}", file=sys.stderr)
+        shutil.rmtree(log_dir, ignore_errors=True)
+        result = _run_once(args, nproc, log_dir, script, script_args, timeout)
+    return result
+
+
+def _run_once(args, nproc, log_dir, script, script_args, timeout) -> subprocess.CompletedProcess:
     command = [sys.executable]
     if nproc > 1:
         assert log_dir is not None, "a launcher run needs a log_dir"
