@@ -419,10 +419,10 @@ def exit_process(code: int) -> NoReturn:
 
     NOTE: Paddle's teardown at interpreter exit (atexit callbacks that destroy the process groups
     and clear the kernel registry) has ended processes that had finished all their work with a
-    failure: a 2-process test worker died of SIGSEGV there, and a sharding stage 3 run in CI ended
-    with a non-zero launcher status after rank 0 had saved its last checkpoint and logged "done".
-    Neither came back in about 200 further launches. Under the launcher one such rank marks the
-    whole job failed. Everything fleetlm
+    failure: a 2-process test worker died of SIGSEGV there, and a sharding stage 3 run ended with a
+    non-zero launcher status after rank 0 had saved its last checkpoint and logged "done". Both are
+    rare and their cause is not known. Under the launcher one such rank marks the whole job failed.
+    Everything fleetlm
     writes is closed and synced when ``main`` returns, so a launched worker with status 0 flushes its
     logs and leaves with ``os._exit``. Failures keep the normal exit and its traceback.
     """

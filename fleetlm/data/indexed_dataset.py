@@ -89,9 +89,9 @@ def dataset_exists(prefix: str) -> bool:
     return mmap_pair or npy_pair
 
 
-# Temporary names are ".BASE.bin.PID.HEX8.tmp" (and .idx, .meta.json; train_tokenizer.py writes
-# ".BASE.tokenizer.PID.HEX8.tmp.model" and ".vocab"): the writer's process id lets a later run
-# check whether the file can still be in use.
+# Temporary names are ".BASE.bin.PID.HEX8.tmp", and the same for .idx and .meta.json.
+# train_tokenizer.py writes ".BASE.tokenizer.PID.HEX8.tmp.model" and ".vocab". The writer's
+# process id lets a later run check whether the file can still be in use.
 _TEMPORARY_NAME = r"\.{base}\.(?:bin|idx|meta\.json|tokenizer)\.(\d+)\.[0-9a-f]{{8}}\.tmp(?:\.model|\.vocab)?"
 
 

@@ -103,17 +103,22 @@ def _fsync_file(path: str) -> None:
         os.fsync(f.fileno())
 
 
-def list_checkpoints(output_dir: str) -> List[Tuple[int, str]]:
-    """Return (step, path) of every complete checkpoint in output_dir, oldest first."""
+def _checkpoint_dirs(output_dir: str, complete: bool) -> List[Tuple[int, str]]:
+    """List (step, path) of the ``checkpoint-STEP`` directories with (complete) or without trainer_state.json, oldest first."""
     if not os.path.isdir(output_dir):
         return []
     found = []
     for name in os.listdir(output_dir):
         match = _NAME.match(name)
         path = os.path.join(output_dir, name)
-        if match and os.path.isfile(os.path.join(path, TRAINER_STATE)):
+        if match and os.path.isdir(path) and os.path.isfile(os.path.join(path, TRAINER_STATE)) == complete:
             found.append((int(match.group(1)), path))
     return sorted(found)
+
+
+def list_checkpoints(output_dir: str) -> List[Tuple[int, str]]:
+    """Return (step, path) of every complete checkpoint in output_dir, oldest first."""
+    return _checkpoint_dirs(output_dir, complete=True)
 
 
 def _unfinished_checkpoints(output_dir: str) -> List[Tuple[int, str]]:
@@ -122,15 +127,7 @@ def _unfinished_checkpoints(output_dir: str) -> List[Tuple[int, str]]:
     A save writes trainer_state.json before the rename to the final name, so such a directory lost
     the file afterwards (deleted by hand, or a copy that stopped early).
     """
-    if not os.path.isdir(output_dir):
-        return []
-    found = []
-    for name in os.listdir(output_dir):
-        match = _NAME.match(name)
-        path = os.path.join(output_dir, name)
-        if match and os.path.isdir(path) and not os.path.isfile(os.path.join(path, TRAINER_STATE)):
-            found.append((int(match.group(1)), path))
-    return sorted(found)
+    return _checkpoint_dirs(output_dir, complete=False)
 
 
 def check_resume_into(checkpoint: str, output_dir: str) -> None:

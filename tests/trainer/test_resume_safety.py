@@ -68,10 +68,12 @@ def test_resume_from_older_checkpoint_sets_newer_ones_aside(pattern_tokens, tmp_
     assert branch.returncode == 0, branch.stdout[-3000:]
     assert "so the newer checkpoints of the run that went on from there were renamed" in branch.stdout
     names = sorted(n for n in os.listdir(output_dir) if n.startswith("checkpoint-"))
-    assert names[0] == "checkpoint-3" and len(names) == 3, names
+    assert len(names) == 3, names
+    assert names[0] == "checkpoint-3"
     # One suffix for the abandoned branch: checkpoint-3.abandoned-TIME and checkpoint-4.abandoned-TIME.
     suffixes = {name.split(".", 1)[1] for name in names[1:]}
-    assert len(suffixes) == 1 and suffixes.pop().startswith("abandoned-"), names
+    assert len(suffixes) == 1, names
+    assert suffixes.pop().startswith("abandoned-")
     assert [n.split(".")[0] for n in names[1:]] == ["checkpoint-3", "checkpoint-4"]
     assert f"{names[1]}, {names[2]}" in branch.stdout
     assert [r["step"] for r in train_records(output_dir)] == [1, 2, 3]
@@ -156,7 +158,7 @@ def test_surviving_rank_names_lost_peer_and_checkpoint(pattern_tokens, tmp_path)
     assert "Traceback" not in rank0
 
 
-def test_resume_from_other_directory_into_used_output_dir_refused(pattern_tokens, tmp_path):
+def test_foreign_checkpoint_into_used_output_dir(pattern_tokens, tmp_path):
     source, used = str(tmp_path / "source"), str(tmp_path / "used")
     for output_dir, seed in ((source, "7"), (used, "5")):
         run = run_pretrain(args_for(pattern_tokens, output_dir, "--max_steps", "4", "--save_steps", "2", "--seed", seed))
