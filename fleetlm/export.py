@@ -229,14 +229,6 @@ def _listed_shards(directory: str, index: str) -> List[str]:
             if isinstance(shard, str) and os.path.basename(shard) == shard and os.path.isfile(os.path.join(directory, shard))]
 
 
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_export(out_dir: str, tensors: Dict[str, np.ndarray], hf_config: Dict[str, Any], stale: List[str]) -> str:
     """Write model.safetensors and config.json into OUT_DIR, deleting ``stale`` files; return the safetensors path.
 
@@ -246,6 +238,8 @@ def _write_export(out_dir: str, tensors: Dict[str, np.ndarray], hf_config: Dict[
     the old config.json beside the new weights, but never a partly written file.
     """
     from safetensors.numpy import save_file
+
+    from fleetlm.trainer.checkpoint import fsync_path
 
     target = os.path.abspath(out_dir)
     parent = os.path.dirname(target)
@@ -260,17 +254,17 @@ def _write_export(out_dir: str, tensors: Dict[str, np.ndarray], hf_config: Dict[
         # which follows the umask.
         os.chmod(os.path.join(tmp, "model.safetensors"), os.stat(os.path.join(tmp, "config.json")).st_mode & 0o777)
         for name in WRITTEN_FILES:
-            _fsync(os.path.join(tmp, name))
+            fsync_path(os.path.join(tmp, name))
         if not os.path.exists(target):
             os.rename(tmp, target)
-            _fsync(parent)
+            fsync_path(parent)
         else:
             for name in stale:
                 if name not in WRITTEN_FILES:
                     os.remove(os.path.join(target, name))
             for name in WRITTEN_FILES:
                 os.replace(os.path.join(tmp, name), os.path.join(target, name))
-            _fsync(target)
+            fsync_path(target)
     finally:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)

@@ -172,7 +172,7 @@ def _run(args: Arguments, progress: _RunProgress) -> int:
     try:
         output_dir = args.training.output_dir
         if output_dir and os.path.isdir(output_dir) and os.access(output_dir, os.W_OK):
-            # A run already in this output_dir is named before anything else is said about its contents.
+            # A run already in this output_dir is reported before any message about the directory's contents.
             take_lock()
         plan = plan_run(args, world_size())
         resume_path = ckpt.resolve_resume_path(

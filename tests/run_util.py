@@ -48,7 +48,7 @@ def describe(result: subprocess.CompletedProcess, tail: int = 3000) -> str:
 
 # NOTE: Paddle 3.3.1's TCP store sometimes fails to bind the port the launcher picked for it and
 # aborts in libuv while it cleans up ("uv__finish_close: Assertion ... failed", C++ traceback through
-# TCPServer::create), before any training: once in several hundred launches on the 2-core machine.
+# TCPServer::create), before any training: by estimate once in several hundred launches on 2 cores.
 # A launch that died that way, with no step trained, is started once more.
 _TCP_STORE_ABORT = ("uv__finish_close", "TCPServer::create")
 

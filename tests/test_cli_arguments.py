@@ -72,7 +72,7 @@ def test_argument_file_not_utf8_rejected(tmp_path):
     (["--do_eval", "--do_eval", "false"], "do_eval", False,
      "--do_eval is given more than once on the command line (no value, then 'false')"),
 ])
-def test_repeated_cli_flag_takes_last_value_and_is_noted(argv, key, value, note):
+def test_repeated_cli_flag_last_wins(argv, key, value, note):
     # A wrapper script appends its override to a fixed command line: the last value wins, as with argparse.
     args = parse_arguments(argv)
     assert getattr(args.training, key) == value

@@ -96,7 +96,7 @@ _TEMPORARY_NAME = r"\.{base}\.(?:bin|idx|meta\.json|tokenizer)\.(\d+)\.[0-9a-f]{
 
 
 def temporary_name(prefix: str, kind: str) -> str:
-    """A hidden, unique temporary path beside ``prefix`` for output ``kind`` that names this process."""
+    """Return a hidden, unique temporary path beside ``prefix`` for output ``kind``, naming this process."""
     directory, base = os.path.split(os.path.abspath(prefix))
     return os.path.join(directory, f".{base}.{kind}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
 

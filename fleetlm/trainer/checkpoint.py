@@ -90,7 +90,8 @@ class TrainerState:
     files: Optional[Dict[str, int]] = None
 
 
-def _fsync_dir(path: str) -> None:
+def fsync_path(path: str) -> None:
+    """Flush a file or a directory (its entries: renames, new names) to the disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -142,7 +143,7 @@ def check_resume_into(checkpoint: str, output_dir: str) -> None:
     existing = list_checkpoints(output_dir) + _unfinished_checkpoints(output_dir)
     if existing:
         raise CheckpointError(
-            f"resume_from_checkpoint='{checkpoint}' lies outside output_dir='{output_dir}', which holds checkpoints "
+            f"resume_from_checkpoint='{checkpoint}' is outside output_dir='{output_dir}', which contains checkpoints "
             f"of another run ({', '.join(os.path.basename(p) for _, p in sorted(existing))}); resuming would mix the "
             "two runs. Choose a new output_dir, or resume from output_dir's own checkpoints."
         )
@@ -168,7 +169,7 @@ def set_aside_newer(output_dir: str, step: int, resumed_from: str) -> List[str]:
         os.rename(path, target)
         moved.append(target)
     if moved:
-        _fsync_dir(output_dir)
+        fsync_path(output_dir)
         logger.warning(
             "resumed from %s (step %d), so the newer checkpoints of the run that went on from there were renamed, "
             "to keep a later --resume_from_checkpoint true from continuing that run: %s. Delete them when they "
@@ -248,9 +249,9 @@ def save_checkpoint(
         with open(os.path.join(tmp, TRAINER_STATE), "w", encoding="utf-8") as f:
             json.dump(trainer_state, f, indent=2)
         _fsync_file(os.path.join(tmp, TRAINER_STATE))
-        _fsync_dir(tmp)
+        fsync_path(tmp)
         _commit(tmp, final)
-        _fsync_dir(output_dir)
+        fsync_path(output_dir)
         logger.info("saved checkpoint %s (step %d, %d samples consumed)", final, state.step, state.consumed_samples)
         if save_total_limit > 0:
             _rotate(output_dir, save_total_limit, state.step)

@@ -2,8 +2,8 @@
 
 Two runs writing one output_dir replace each other's checkpoints and interleave metrics.jsonl. The
 lock is ``flock`` on an open file, so the kernel releases it when the process ends in any way,
-SIGKILL included: a lock file left behind never blocks a later run. The file records who holds it,
-for the message another run prints.
+SIGKILL included. A lock file left behind therefore does not block a later run. The file records
+the holder's process id, host and start time for the message another run prints.
 NOTE: flock covers the processes of one machine. A file system that does not support it (some NFS
 setups) gets a warning and no lock.
 """

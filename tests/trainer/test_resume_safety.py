@@ -167,7 +167,7 @@ def test_foreign_checkpoint_into_used_output_dir(pattern_tokens, tmp_path):
     mixed = run_pretrain(args_for(pattern_tokens, used, "--max_steps", "6", "--save_steps", "2",
                                   "--resume_from_checkpoint", os.path.join(source, "checkpoint-2")))
     assert mixed.returncode == 2
-    assert f"lies outside output_dir='{used}', which holds checkpoints of another run (checkpoint-2, checkpoint-4)" \
+    assert f"is outside output_dir='{used}', which contains checkpoints of another run (checkpoint-2, checkpoint-4)" \
         in mixed.stdout
     assert sorted(os.listdir(used)) == before
     fresh = run_pretrain(args_for(pattern_tokens, str(tmp_path / "fresh"), "--max_steps", "3", "--save_steps", "0",
